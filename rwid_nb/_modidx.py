@@ -30,6 +30,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'rwid_nb.data.phantom._file_name': ('data.phantom.html#_file_name', 'rwid_nb/data/phantom.py'),
                                       'rwid_nb.data.phantom._font': ('data.phantom.html#_font', 'rwid_nb/data/phantom.py'),
                                       'rwid_nb.data.phantom._fraction_hit': ('data.phantom.html#_fraction_hit', 'rwid_nb/data/phantom.py'),
+                                      'rwid_nb.data.phantom._fresh_copy': ('data.phantom.html#_fresh_copy', 'rwid_nb/data/phantom.py'),
                                       'rwid_nb.data.phantom._mr': ('data.phantom.html#_mr', 'rwid_nb/data/phantom.py'),
                                       'rwid_nb.data.phantom._patient': ('data.phantom.html#_patient', 'rwid_nb/data/phantom.py'),
                                       'rwid_nb.data.phantom._pixel_attrs': ('data.phantom.html#_pixel_attrs', 'rwid_nb/data/phantom.py'),

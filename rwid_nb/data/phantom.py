@@ -4,7 +4,7 @@
 
 # %% ../../nbs/14_data.phantom.ipynb #c003
 from __future__ import annotations
-import os, io, json, copy, shutil, hashlib
+import os, io, json, shutil, hashlib
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
@@ -14,6 +14,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, zoom
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataelem import DataElement
 from pydicom.sequence import Sequence
 from pydicom import uid as dcm_uid
 from pydicom.encaps import encapsulate
@@ -404,7 +405,7 @@ def _file_name(site, n, sop_uid):
 
 def _ds_values(x): return [f"{v:g}" for v in x]
 
-# %% ../../nbs/14_data.phantom.ipynb #c030
+# %% ../../nbs/14_data.phantom.ipynb #c032
 def _radiograph(plan, site, rng, ds, out, phi):
     prof = site.cxr
     ap = rng.random() < (prof['ap_share'] + (0.35 if 'support_devices' in plan.findings else 0))
@@ -457,7 +458,13 @@ def _radiograph(plan, site, rng, ds, out, phi):
     return [f], dict(view=view, rows=rows, columns=cols, frames=1, bits_stored=prof['bits'],
                      photometric=prof['photometric'], transfer_syntax=str(TS[prof['ts']]), pixel_spacing_mm=sp)
 
-# %% ../../nbs/14_data.phantom.ipynb #c032
+# %% ../../nbs/14_data.phantom.ipynb #c034
+def _fresh_copy(ds):
+    "New elements holding the same values: `Dataset.copy()` shares elements, `deepcopy` costs 1.6 ms a slice."
+    inst = Dataset()
+    for el in ds: inst.add(DataElement(el.tag, el.VR, el.value))
+    return inst
+
 def _write_series(plan, site, ds, out, vol, ts, spacing, iop, start, sop, extra):
     "Write a volume (nz, rows, cols) of stored values as one single-frame instance per slice."
     nz, rows, cols = vol.shape
@@ -473,7 +480,7 @@ def _write_series(plan, site, ds, out, vol, ts, spacing, iop, start, sop, extra)
     ds.SpacingBetweenSlices = f"{spacing[0]:g}"
     for k, v in extra.items(): setattr(ds, k, v)
     for z in range(nz):
-        inst = copy.deepcopy(ds)  # Dataset.copy() is shallow: slices would share elements
+        inst = _fresh_copy(ds)
         num = nz - z if rev else z + 1
         inst.SOPClassUID = sop
         inst.SOPInstanceUID = phantom_uid(plan.seed, 'instance', 1, z)
@@ -486,6 +493,7 @@ def _write_series(plan, site, ds, out, vol, ts, spacing, iop, start, sop, extra)
         files.append(f)
     return files
 
+# %% ../../nbs/14_data.phantom.ipynb #c036
 def _ct(plan, site, rng, ds, out, phi):
     prof = site.ct
     nz = int(rng.integers(prof['slices'][0], prof['slices'][1] + 1))
@@ -523,6 +531,7 @@ def _ct(plan, site, rng, ds, out, phi):
     return files, dict(view='AXIAL', rows=rows, columns=rows, frames=nz, bits_stored=prof['bits'], photometric='MONOCHROME2',
                        transfer_syntax=str(TS[prof['ts']]), pixel_spacing_mm=sp)
 
+# %% ../../nbs/14_data.phantom.ipynb #c038
 def _mr(plan, site, rng, ds, out, phi):
     prof = site.mr
     nz = int(rng.integers(prof['slices'][0], prof['slices'][1] + 1))
@@ -558,7 +567,7 @@ def _mr(plan, site, rng, ds, out, phi):
     return files, dict(view='AXIAL', rows=rows, columns=rows, frames=nz, bits_stored=12, photometric='MONOCHROME2',
                        transfer_syntax=str(TS[prof['ts']]), pixel_spacing_mm=sp)
 
-# %% ../../nbs/14_data.phantom.ipynb #c034
+# %% ../../nbs/14_data.phantom.ipynb #c040
 def _us(plan, site, rng, ds, out, phi):
     prof = site.us
     nf, rows, cols = prof['frames'], prof['rows'], prof['cols']
@@ -595,7 +604,7 @@ def _us(plan, site, rng, ds, out, phi):
     return [f], dict(view='', rows=rows, columns=cols, frames=nf, bits_stored=8, photometric=prof['photometric'],
                      transfer_syntax=str(TS[prof['ts']]), pixel_spacing_mm=10*16.0/rows)
 
-# %% ../../nbs/14_data.phantom.ipynb #c036
+# %% ../../nbs/14_data.phantom.ipynb #c042
 PHI_KINDS = ('header', 'sequence', 'private', 'pixel', 'report')
 REPORT_PHI_KINDS = ('person_name', 'date', 'mrn', 'phone', 'email')
 PRIVATE_CREATOR = 'RWID VENDOR PRIVATE'
@@ -639,7 +648,7 @@ def apply_header_phi(ds:Dataset, # the study's shared header, modified in place
         block.add_new(0x10, 'LO', phi['private'][0][1])
         block.add_new(0x11, 'LO', phi['private'][1][1])
 
-# %% ../../nbs/14_data.phantom.ipynb #c039
+# %% ../../nbs/14_data.phantom.ipynb #c045
 CORRUPTION_KINDS = ('truncated', 'not_dicom', 'no_pixel_data', 'wrong_dimensions')
 
 def corrupt_file(path:Path,                # a DICOM file written by the generator
@@ -661,7 +670,7 @@ def corrupt_file(path:Path,                # a DICOM file written by the generat
         else: ds.Rows = int(ds.Rows) + int(rng.choice([9, 32, 64]))
         ds.save_as(path, enforce_file_format=True)
 
-# %% ../../nbs/14_data.phantom.ipynb #c041
+# %% ../../nbs/14_data.phantom.ipynb #c048
 ALL_FINDINGS = tuple(dict.fromkeys(f for m in ('DX', 'CT', 'MR', 'US') for f in FINDINGS[m]))
 _RENDER = {'CR': _radiograph, 'DX': _radiograph, 'CT': _ct, 'MR': _mr, 'US': _us}
 
@@ -722,7 +731,7 @@ def render_study(plan:StudyPlan,     # from `plan_cohort`
     row['corruption_kinds'] = ';'.join(sorted({b['kind'] for b in bad}))
     return dict(row=row, report=dict(study_key=plan.study_key, report_text=text), phi=phi_rows, corrupt=bad)
 
-# %% ../../nbs/14_data.phantom.ipynb #c044
+# %% ../../nbs/14_data.phantom.ipynb #c051
 def _render_job(job):
     plan, site, root, seed, phi, corrupt = job
     return render_study(plan, site, Path(root), seed, phi, corrupt)
@@ -782,7 +791,7 @@ def generate_cohort(out:Path|str,          # cohort folder to create
         with atomic_write(stage/'cohort.json', 'w') as f: json.dump(summary, f, indent=1, sort_keys=True)
     return dict(summary, out=str(Path(out).resolve()))
 
-# %% ../../nbs/14_data.phantom.ipynb #c046
+# %% ../../nbs/14_data.phantom.ipynb #c053
 def read_cohort_summary(root:Path|str, # a cohort folder
                        ) -> dict|None:
     "The `cohort.json` of a complete cohort at `root`, or None if there is none."
@@ -805,7 +814,7 @@ def format_summary(res:dict, # from `generate_cohort` or `read_cohort_summary`
                   f"  ground truth: {o}/ground_truth.csv (injections: phi_injections.csv, corruptions.csv)"]
     return '\n'.join(lines)
 
-# %% ../../nbs/14_data.phantom.ipynb #c051
+# %% ../../nbs/14_data.phantom.ipynb #c058
 def cohort_digest(root:Path|str, # a cohort folder
                  ) -> str:
     "SHA-256 over every file's relative path and bytes: equal digests mean byte-identical cohorts."
