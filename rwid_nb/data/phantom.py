@@ -67,10 +67,8 @@ class Site:
 def _cxr(modality, ts, rows, cols, spacing, spacing_tags, bits, photometric, curve, mu, noise, unsharp, store_range,
          rescale=(1.0, 0.0), windows=((0.5, 1.0),), voi_function=None, voi_lut=False, collimation=0.04,
          marker='L', marker_size=18, ap_share=0.2):
-    return dict(modality=modality, ts=ts, rows=rows, cols=cols, spacing=spacing, spacing_tags=spacing_tags, bits=bits,
-                photometric=photometric, curve=curve, mu=mu, noise=noise, unsharp=unsharp, store_range=store_range,
-                rescale=rescale, windows=windows, voi_function=voi_function, voi_lut=voi_lut, collimation=collimation,
-                marker=marker, marker_size=marker_size, ap_share=ap_share)
+    "A radiograph acquisition profile: every argument becomes a key."
+    return dict(locals())
 
 SITES = {s.site_id: s for s in [
     Site('S01', 'Lakeside University Hospital', 'Boston', 'United States', 'North America', 'us_academic', 1.3,
