@@ -51,7 +51,7 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_phantom.py
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 wheel: $(STAMP)
 	$(BIN)/python -m build --wheel --outdir dist .

@@ -9,7 +9,7 @@ from pathlib import Path
 from .core import load_settings, SettingsError, SETTINGS_SPEC
 
 # %% auto #0
-__all__ = ['cmd_phantom', 'cmd_demo', 'cmd_settings', 'build_parser', 'main']
+__all__ = ['cmd_phantom', 'cmd_index', 'cmd_cohort', 'cmd_split', 'cmd_demo', 'cmd_settings', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #c005
 def _fraction(s):
@@ -38,6 +38,43 @@ def cmd_phantom(args):
     return 0
 
 # %% ../nbs/90_cli.ipynb #c009
+def cmd_index(args):
+    "Index a delivery folder into instance / series / study / quarantine manifests."
+    from rwid_nb.data.index import index_dicom, format_accounting
+    res = index_dicom(args.root, args.out, workers=args.workers, reports=args.reports, shard=args.shard,
+                      progress=not args.quiet, chunk_size=args.chunk_size)
+    if args.quiet: print(format_accounting(res))
+    return 0
+
+# %% ../nbs/90_cli.ipynb #c011
+def _fractions(s):
+    out = {}
+    for part in s.split(','):
+        k, _, v = part.partition('=')
+        try: out[k.strip()] = float(v)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected e.g. train=0.7,val=0.1,test=0.2, got {s!r}")
+    return out
+
+def cmd_cohort(args):
+    "Select and split the studies of an index by a cohort definition."
+    from rwid_nb.data.cohort import build_cohort, write_split, split_summary
+    df = build_cohort(args.definition, args.index, labels=args.labels)
+    path = write_split(df, args.out)
+    print(split_summary(df).to_string())
+    print(f"{len(df)} studies of {df.patient_key.nunique()} patients -> {path}")
+    return 0
+
+def cmd_split(args):
+    "Split a studies table at patient level, stratified, with whole sites held out."
+    from rwid_nb.data.cohort import read_studies, split_patients, write_split, split_summary
+    seed = args.seed if args.seed is not None else load_settings().seed
+    df = split_patients(read_studies(args.studies), args.fractions, args.stratify, args.held_out, seed)
+    path = write_split(df, args.out)
+    print(split_summary(df).to_string())
+    print(f"{len(df)} studies of {df.patient_key.nunique()} patients -> {path}")
+    return 0
+
+# %% ../nbs/90_cli.ipynb #c013
 def cmd_demo(args):
     "Run the end-to-end demo on the default phantom cohort."
     from rwid_nb.data.phantom import generate_cohort, format_summary, read_cohort_summary
@@ -53,9 +90,33 @@ def cmd_demo(args):
         res = generate_cohort(out, n_studies=n, seed=s.seed, inject_phi=0.05, corrupt=0.0, workers=args.workers,
                               overwrite=True, progress=not args.quiet)
     print(format_summary(res))
+    _demo_index(s, out, args)
     return 0
 
-# %% ../nbs/90_cli.ipynb #c011
+# %% ../nbs/90_cli.ipynb #c014
+def _demo_index(s, cohort_dir, args):
+    "Demo stage 2: index the cohort, print the accounting and a per-site summary, and build the default cohort's split."
+    from rwid_nb.data.index import index_dicom, format_accounting, query
+    idx = s.data_root/'phantom'/'default_index'
+    print(f"\nindexing {cohort_dir/'dicom'} -> {idx}")
+    res = index_dicom(cohort_dir/'dicom', idx, workers=args.workers, reports=cohort_dir/'reports.csv', progress=not args.quiet)
+    if args.quiet: print(format_accounting(res))
+    per_site = query(idx, """select site_id, count(distinct patient_key) as patients, count(*) as studies,
+                                    string_agg(distinct modality, ',' order by modality) as modalities,
+                                    cast(sum(n_instances) as integer) as instances,
+                                    cast(count(*) filter (where report_available) as integer) as with_report
+                             from studies group by site_id order by site_id""")
+    print("\nper site:"); print(per_site.to_string(index=False))
+    definition = Path(s.source).parent/'data_manifests'/'phantom_default.v1.toml' if s.source != 'defaults' else None
+    if definition is None or not definition.is_file():
+        print("\n(no data_manifests/phantom_default.v1.toml next to settings.ini: skipping the cohort split)"); return
+    from rwid_nb.data.cohort import build_cohort, write_split, split_summary
+    df = build_cohort(definition, idx)
+    path = write_split(df, idx/'split_phantom_default.v1.parquet')
+    print(f"\ncohort {definition.name}: {len(df)} studies of {df.patient_key.nunique()} patients -> {path}")
+    print(split_summary(df).to_string())
+
+# %% ../nbs/90_cli.ipynb #c016
 def cmd_settings(args):
     "Print the workspace settings in force and where they came from."
     s = load_settings()
@@ -65,7 +126,7 @@ def cmd_settings(args):
     for k in SETTINGS_SPEC: print(f"  {k:17s} = {d[k]}")
     return 0
 
-# %% ../nbs/90_cli.ipynb #c013
+# %% ../nbs/90_cli.ipynb #c018
 def build_parser() -> argparse.ArgumentParser:
     "The `rwid` argument parser with all subcommands."
     p = argparse.ArgumentParser(prog='rwid', description='rwid_nb: fine-tune healthcare foundation models on real-world imaging data.')
@@ -88,6 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument('--workers', type=_positive, default=None, help='worker processes (default: all cores)')
     de.add_argument('--quiet', action='store_true', help='no progress bars')
     de.set_defaults(func=cmd_demo)
+    ix = sub.add_parser('index', help='index a folder of DICOM files into Parquet manifests',
+                        description='Header-only, parallel, incremental indexing: every file lands in instances or quarantine.')
+    ix.add_argument('root', type=Path, help='delivery folder (every file under it is accounted for)')
+    ix.add_argument('--out', type=Path, required=True, help='manifest folder (instances/series/studies/quarantine.parquet)')
+    ix.add_argument('--workers', type=_positive, default=None, help='worker processes (default: all cores)')
+    ix.add_argument('--reports', type=Path, default=None, help='reports table (CSV/JSONL/Parquet: study_key, report_text) or folder of <study_key>.txt')
+    ix.add_argument('--shard', default=None, metavar='I/N', help='index only shard I of N (parts combine with a Parquet glob)')
+    ix.add_argument('--chunk-size', type=_positive, default=512, help='files per restartable part (default 512)')
+    ix.add_argument('--quiet', action='store_true', help='no progress bar')
+    ix.set_defaults(func=cmd_index)
+    co = sub.add_parser('cohort', help='select and split studies by a cohort definition in data_manifests/')
+    co.add_argument('definition', type=Path, help='cohort definition, e.g. data_manifests/phantom_default.v1.toml')
+    co.add_argument('--index', type=Path, required=True, help='manifest folder written by `rwid index`')
+    co.add_argument('--labels', type=Path, default=None, help='optional labels table keyed by study_key')
+    co.add_argument('--out', type=Path, required=True, help='output table (.parquet or .csv) with a split column')
+    co.set_defaults(func=cmd_cohort)
+    sp = sub.add_parser('split', help='split a studies table at patient level with whole sites held out')
+    sp.add_argument('studies', type=Path, help='studies table (.parquet/.csv) or a manifest folder')
+    sp.add_argument('--out', type=Path, required=True, help='output table (.parquet or .csv)')
+    sp.add_argument('--fractions', type=_fractions, default={'train': 0.7, 'val': 0.1, 'test': 0.2}, help='e.g. train=0.7,val=0.1,test=0.2')
+    sp.add_argument('--stratify', type=_csv_list, default=['site_id', 'modality'], help='comma-separated columns')
+    sp.add_argument('--held-out', type=_csv_list, default=[], help='comma-separated site ids held out (split "ood")')
+    sp.add_argument('--seed', type=int, default=None, help='split seed (default: the workspace seed)')
+    sp.set_defaults(func=cmd_split)
     se = sub.add_parser('settings', help='show the workspace settings in force')
     se.add_argument('--json', action='store_true', help='print as JSON')
     se.set_defaults(func=cmd_settings)

@@ -11,7 +11,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['SETTINGS_SPEC', 'TRACKING_MODES', 'SETTINGS_SECTION', 'ENV_PREFIX', 'ENV_SETTINGS_FILE', 'ENV_RESERVED',
            'SettingsError', 'Settings', 'find_settings_file', 'load_settings', 'get_logger', 'atomic_write',
-           'check_writable_dir', 'staged_dir', 'stable_seed']
+           'check_writable_dir', 'staged_dir', 'workspace_secret', 'patient_token', 'stable_seed']
 
 # %% ../nbs/00_core.ipynb #c006
 SETTINGS_SPEC = {
@@ -24,6 +24,7 @@ SETTINGS_SPEC = {
     'text_tower':       (str,  'all-minilm-l6-v2',   'default text tower: a known package name or a local folder'),
     'seed':             (int,  1234,     'global seed for everything random in the workspace'),
     'demo_studies':     (int,  240,      'number of studies in the default phantom cohort made by `rwid demo`'),
+    'secret_file':      (Path, '.rwid-secret', 'workspace secret for keyed patient tokens (created on first use, never committed)'),
 }
 TRACKING_MODES = ('offline', 'online', 'disabled')
 SETTINGS_SECTION = 'rwid'
@@ -49,6 +50,7 @@ class Settings:
     text_tower: str
     seed: int
     demo_studies: int
+    secret_file: Path
     source: str = ''  # where the values came from (file path or 'defaults'), for messages
 
     def as_dict(self):
@@ -187,6 +189,30 @@ def staged_dir(dest:Path|str,        # folder to create
         raise
 
 # %% ../nbs/00_core.ipynb #c026
+def workspace_secret(settings:Settings|None=None, # default: `load_settings()`
+                    ) -> bytes:
+    "The workspace secret from `settings.secret_file`, created (32 random bytes, mode 0600) if missing."
+    import secrets
+    f = (settings or load_settings()).secret_file
+    if not f.exists():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, 'w') as fh: fh.write(secrets.token_hex(32) + '\n')
+        except FileExistsError: pass  # another process made it first
+        except OSError as e: raise SettingsError(f"setting 'secret_file': cannot create {f} ({e.strerror})") from None
+    key = f.read_text().strip()
+    if len(key) < 32: raise SettingsError(f"setting 'secret_file': {f} holds fewer than 32 characters; delete it to make a new one")
+    return key.encode()
+
+def patient_token(patient_id:str, # the delivered patient ID (never logged)
+                  secret:bytes,   # from `workspace_secret`
+                 ) -> str:
+    "A privacy-preserving, stable patient key: `pt-` and 20 hex digits of HMAC-SHA256(secret, patient_id)."
+    import hmac
+    return 'pt-' + hmac.new(secret, str(patient_id).strip().encode(), hashlib.sha256).hexdigest()[:20]
+
+# %% ../nbs/00_core.ipynb #c029
 def stable_seed(*parts) -> int:
     "A 63-bit integer derived from `parts` by SHA-256: identical across processes, platforms and runs."
     h = hashlib.sha256('\x1f'.join(map(str, parts)).encode()).digest()

@@ -76,10 +76,39 @@ def test_settings_errors_name_the_setting(tmp_path):
 
 
 def test_demo_makes_the_default_cohort(tmp_path):
-    env = {'RWID_DATA_ROOT': tmp_path/'data', 'RWID_DEMO_STUDIES': '5'}
+    env = {'RWID_DATA_ROOT': tmp_path/'data', 'RWID_DEMO_STUDIES': '12', 'RWID_SECRET_FILE': tmp_path/'secret'}
     r = run('demo', '--quiet', env=env)
     assert r.returncode == 0, r.stderr
     assert (tmp_path/'data'/'phantom'/'default'/'cohort.json').is_file()
-    assert 'phantom cohort: 5 studies' in r.stdout
+    assert 'phantom cohort: 12 studies' in r.stdout
+    assert (tmp_path/'data'/'phantom'/'default_index'/'studies.parquet').is_file()
+    assert 'per site:' in r.stdout and 'split_phantom_default.v1.parquet' in r.stdout
     r2 = run('demo', '--quiet', env=env)
     assert r2.returncode == 0 and 'reusing' in r2.stdout
+
+
+def test_index_cohort_split_chain(tmp_path):
+    "phantom -> index -> cohort (definition from data_manifests/) -> split, each through the command line."
+    import pandas as pd
+    r = run('phantom', tmp_path/'c', '--studies', 30, '--seed', 4, '--corrupt', 0.05, '--quiet')
+    assert r.returncode == 0, r.stderr
+    r = run('index', tmp_path/'c'/'dicom', '--out', tmp_path/'idx', '--reports', tmp_path/'c'/'reports.csv', '--quiet', '--workers', 2,
+            env={'RWID_SECRET_FILE': tmp_path/'secret'})
+    assert r.returncode == 0, r.stderr
+    for t in ('instances', 'series', 'studies', 'quarantine'): assert (tmp_path/'idx'/f'{t}.parquet').is_file(), t
+    inst = pd.read_parquet(tmp_path/'idx'/'instances.parquet'); quar = pd.read_parquet(tmp_path/'idx'/'quarantine.parquet')
+    n_files = sum(1 for f in (tmp_path/'c'/'dicom').rglob('*') if f.is_file())
+    assert len(inst) + len(quar) == n_files
+    assert list(quar.columns[:3]) == ['path', 'reason', 'detail']
+    r = run('cohort', ROOT/'data_manifests'/'phantom_default.v1.toml', '--index', tmp_path/'idx', '--out', tmp_path/'cohort.parquet')
+    assert r.returncode == 0, r.stderr
+    co = pd.read_parquet(tmp_path/'cohort.parquet')
+    assert set(co.split) <= {'train', 'val', 'test', 'ood'} and (co.split == 'ood').any()
+    assert set(co.loc[co.split == 'ood', 'site_id']) <= {'S05', 'S06'}
+    r = run('split', tmp_path/'idx', '--out', tmp_path/'split.csv', '--held-out', 'S01', '--seed', 3)
+    assert r.returncode == 0, r.stderr
+    sp = pd.read_csv(tmp_path/'split.csv')
+    assert set(sp.loc[sp.site_id == 'S01', 'split']) == {'ood'}
+    assert sp.groupby('patient_key').split.nunique().max() == 1
+    r = run('cohort', tmp_path/'nope.toml', '--index', tmp_path/'idx', '--out', tmp_path/'x.parquet')
+    assert r.returncode == 2 and 'nope.toml' in r.stderr and 'Traceback' not in r.stderr
