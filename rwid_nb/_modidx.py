@@ -6,6 +6,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'rwid_nb.cli._fraction': ('cli.html#_fraction', 'rwid_nb/cli.py'),
                              'rwid_nb.cli._fractions': ('cli.html#_fractions', 'rwid_nb/cli.py'),
                              'rwid_nb.cli._positive': ('cli.html#_positive', 'rwid_nb/cli.py'),
+                             'rwid_nb.cli._write_split_and_report': ('cli.html#_write_split_and_report', 'rwid_nb/cli.py'),
                              'rwid_nb.cli.build_parser': ('cli.html#build_parser', 'rwid_nb/cli.py'),
                              'rwid_nb.cli.cmd_cohort': ('cli.html#cmd_cohort', 'rwid_nb/cli.py'),
                              'rwid_nb.cli.cmd_demo': ('cli.html#cmd_demo', 'rwid_nb/cli.py'),

@@ -55,23 +55,25 @@ def _fractions(s):
         except ValueError: raise argparse.ArgumentTypeError(f"expected e.g. train=0.7,val=0.1,test=0.2, got {s!r}")
     return out
 
+def _write_split_and_report(df, out, title=''):
+    "Write a split table and print its per-site counts and where it went."
+    from rwid_nb.data.cohort import write_split, split_summary
+    path = write_split(df, out)
+    print(f"{title}{len(df)} studies of {df.patient_key.nunique()} patients -> {path}")
+    print(split_summary(df).to_string())
+
 def cmd_cohort(args):
     "Select and split the studies of an index by a cohort definition."
-    from rwid_nb.data.cohort import build_cohort, write_split, split_summary
-    df = build_cohort(args.definition, args.index, labels=args.labels)
-    path = write_split(df, args.out)
-    print(split_summary(df).to_string())
-    print(f"{len(df)} studies of {df.patient_key.nunique()} patients -> {path}")
+    from rwid_nb.data.cohort import build_cohort
+    _write_split_and_report(build_cohort(args.definition, args.index, labels=args.labels), args.out)
     return 0
 
 def cmd_split(args):
     "Split a studies table at patient level, stratified, with whole sites held out."
-    from rwid_nb.data.cohort import read_studies, split_patients, write_split, split_summary
+    from rwid_nb.data.cohort import read_studies, split_patients
     seed = args.seed if args.seed is not None else load_settings().seed
     df = split_patients(read_studies(args.studies), args.fractions, args.stratify, args.held_out, seed)
-    path = write_split(df, args.out)
-    print(split_summary(df).to_string())
-    print(f"{len(df)} studies of {df.patient_key.nunique()} patients -> {path}")
+    _write_split_and_report(df, args.out)
     return 0
 
 # %% ../nbs/90_cli.ipynb #c013
@@ -110,11 +112,8 @@ def _demo_index(s, cohort_dir, args):
     definition = Path(s.source).parent/'data_manifests'/'phantom_default.v1.toml' if s.source != 'defaults' else None
     if definition is None or not definition.is_file():
         print("\n(no data_manifests/phantom_default.v1.toml next to settings.ini: skipping the cohort split)"); return
-    from rwid_nb.data.cohort import build_cohort, write_split, split_summary
-    df = build_cohort(definition, idx)
-    path = write_split(df, idx/'split_phantom_default.v1.parquet')
-    print(f"\ncohort {definition.name}: {len(df)} studies of {df.patient_key.nunique()} patients -> {path}")
-    print(split_summary(df).to_string())
+    from rwid_nb.data.cohort import build_cohort
+    _write_split_and_report(build_cohort(definition, idx), idx/'split_phantom_default.v1.parquet', f"\ncohort {definition.name}: ")
 
 # %% ../nbs/90_cli.ipynb #c016
 def cmd_settings(args):
