@@ -58,7 +58,8 @@ wheel: $(STAMP)
 
 # JupyterLab on the loopback interface only, with a token (printed in the URL it logs).
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ip=127.0.0.1 --no-browser --IdentityProvider.token="$${RWID_LAB_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))')}"
+	$(BIN)/jupyter lab --ip=127.0.0.1 --no-browser $$([ "$$(id -u)" = 0 ] && echo --allow-root) \
+	  --IdentityProvider.token="$${RWID_LAB_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))')}"
 
 export: $(STAMP)
 	$(BIN)/nbdev-export
