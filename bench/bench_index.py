@@ -118,7 +118,7 @@ def main():
     ap.add_argument('--out', help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        import rwid_nb.data.index  # imports are not what is measured
+        import rwid_nb.data.index  # noqa: F401  (warm the import: imports are not what is measured)
         a.cpu0 = (lambda u: u.ru_utime + u.ru_stime)(resource.getrusage(resource.RUSAGE_SELF))
         return child(a)
     from rwid_nb.core import load_settings

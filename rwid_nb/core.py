@@ -5,7 +5,7 @@
 # %% ../nbs/00_core.ipynb #c003
 from __future__ import annotations
 import os, sys, shutil, logging, hashlib, tempfile, configparser, contextlib, uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 # %% auto #0

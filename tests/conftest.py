@@ -1,5 +1,5 @@
 """Shared fixtures: phantom cohorts generated once per test session."""
-import os, sys
+import os
 from pathlib import Path
 import pytest
 

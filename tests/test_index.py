@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rwid_nb.core import patient_token
-from rwid_nb.data.index import (index_dicom, query, scan_file, list_files, read_reports, format_accounting,
+from rwid_nb.data.index import (index_dicom, query, format_accounting,
                                 QUARANTINE_REASONS, INSTANCE_COLUMNS, STUDY_COLUMNS, SERIES_COLUMNS, QUARANTINE_COLUMNS)
 from corpora import corpus_dirs
 

@@ -1,7 +1,6 @@
 """The phantom cohort generator: valid DICOM, coverage of syntaxes and photometrics, reports that agree with the
 ground truth, determinism, and PHI / damage that is really there and really listed."""
 import re, json
-from pathlib import Path
 import numpy as np
 import pandas as pd
 import pydicom
@@ -156,10 +155,10 @@ def test_reports_agree_with_ground_truth(tables):
 
 
 def test_same_seed_gives_byte_identical_files(cohort, tmp_path):
-    again = generate_cohort(tmp_path/'again', workers=1, progress=False, **COHORT_ARGS)
+    generate_cohort(tmp_path/'again', workers=1, progress=False, **COHORT_ARGS)
     assert cohort_digest(cohort) == cohort_digest(tmp_path/'again')
-    other = generate_cohort(tmp_path/'other', workers=2, progress=False, **{**COHORT_ARGS, 'n_studies': 10, 'seed': 12})
-    small = generate_cohort(tmp_path/'small', workers=2, progress=False, **{**COHORT_ARGS, 'n_studies': 10})
+    generate_cohort(tmp_path/'other', workers=2, progress=False, **{**COHORT_ARGS, 'n_studies': 10, 'seed': 12})
+    generate_cohort(tmp_path/'small', workers=2, progress=False, **{**COHORT_ARGS, 'n_studies': 10})
     assert cohort_digest(tmp_path/'other') != cohort_digest(tmp_path/'small')
 
 
@@ -211,7 +210,7 @@ def test_pixel_phi_changes_the_pixels(tmp_path):
     from rwid_nb.data.phantom import plan_cohort, render_study
     plan = next(p for p in plan_cohort(40, seed=5) if p.modality == 'US')
     import rwid_nb.data.phantom as ph
-    a = render_study(plan, SITES[plan.site_id], tmp_path/'a', 5, inject_phi=False)
+    render_study(plan, SITES[plan.site_id], tmp_path/'a', 5, inject_phi=False)
     # force the pixel kind: patch the planner for this call
     orig = ph.plan_phi
     ph.plan_phi = lambda rng, idn: {'pixel': f"{idn['dicom_name'].replace('^', ' ')} {idn['mrn']}"}

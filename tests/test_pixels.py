@@ -11,8 +11,7 @@
 - The file's VOI (VOI LUT sequence, SIGMOID window) applied to `read_instance` pixels equals pydicom's VOI on the
   stored values, mirrored for MONOCHROME1.
 """
-import copy, shutil, warnings
-from pathlib import Path
+import shutil, warnings
 
 import numpy as np
 import pandas as pd

@@ -1,7 +1,6 @@
 """The package builds as a wheel and works installed into a fresh venv outside the repository, reading nothing from nbs/."""
 import os, sys, subprocess, zipfile, venv, sysconfig
 from pathlib import Path
-import pytest
 
 from conftest import ROOT
 

@@ -4,8 +4,8 @@
 
 # %% ../../nbs/14_data.phantom.ipynb #c003
 from __future__ import annotations
-import os, io, json, shutil, hashlib
-from dataclasses import dataclass, field, asdict, replace
+import os, io, json, hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 import multiprocessing as mp
@@ -21,7 +21,7 @@ from pydicom.encaps import encapsulate
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from ..core import stable_seed, staged_dir, atomic_write, get_logger, SettingsError
+from ..core import stable_seed, staged_dir, atomic_write
 from .phantom_anatomy import (FINDINGS, sample_findings, draw_chest_radiograph, draw_chest_ct,
                                            draw_brain_mr, draw_abdominal_us)
 from .phantom_reports import write_report, indication_for, fake_identity, inject_report_phi

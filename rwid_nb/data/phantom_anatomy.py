@@ -294,7 +294,7 @@ def _cxr_lungs(G, X, Y, ptx=None):
 # %% ../../nbs/14a_data.phantom_anatomy.ipynb #c038
 def _cxr_heart(G, X, Y, ctr):
     "Heart silhouette (0..1) whose horizontal extent is `ctr` times the inner thorax width."
-    Wh, x0, th = ctr * 2 * G['Lh'], G['x0'], G['heart_tilt']
+    Wh, x0 = ctr * 2 * G['Lh'], G['x0']
     hw, c, s, k = .4 * Wh, math.cos(G['heart_tilt']), math.sin(G['heart_tilt']), .66
     a = hw / math.sqrt(c * c + k * k * s * s); b = k * a
     xc, yc = x0 + 2 * Wh / 3 - hw, G['dome']['left'] - .6 * math.sqrt(a * a * s * s + b * b * c * c)
@@ -781,7 +781,7 @@ _CT_EFFUSION = {'small': ((10, 22), .6), 'moderate': ((25, 45), .45), 'large': (
 def _ct_emphysema(g, L, X, Y, Z, T, spec, rng):
     "Emphysema hole fraction (nz, ny, nx) and the bullae/scar balls to draw as (centre, r, hu, lobulation) tuples."
     sev, shape = spec.get('severity', 'mild'), L['lung'].shape
-    (nz, ny, nx), H = shape, float(Z[-1, 0, 0] + Z[0, 0, 0])
+    (_, ny, nx), H = shape, float(Z[-1, 0, 0] + Z[0, 0, 0])
     sy, sx = float(Y[0, 1, 0] - Y[0, 0, 0]), float(X[0, 0, 1] - X[0, 0, 0])
     n = _smooth_noise3(rng, shape, (H / 14, ny * sy / 9, nx * sx / 9))
     thr = 1.05 if spec.get('subtle') else _EMPH_THR[sev]
