@@ -9,7 +9,8 @@ from pathlib import Path
 from .core import load_settings, SettingsError, SETTINGS_SPEC
 
 # %% auto #0
-__all__ = ['cmd_phantom', 'cmd_index', 'cmd_cohort', 'cmd_split', 'cmd_demo', 'cmd_settings', 'build_parser', 'main']
+__all__ = ['cmd_phantom', 'cmd_index', 'cmd_audit', 'cmd_release', 'cmd_label', 'cmd_cohort', 'cmd_split', 'cmd_demo',
+           'cmd_settings', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #c005
 def _fraction(s):
@@ -38,15 +39,48 @@ def cmd_phantom(args):
     return 0
 
 # %% ../nbs/90_cli.ipynb #c009
+def _policy(args):
+    "The audit policy: the workspace settings, overridden by the command line."
+    from rwid_nb.data.phi import policy_from_settings
+    over = {k: v for k, v in (('pixel_check', args.pixel_check), ('trust_burned_in_no', args.trust_burned_in_no)) if v is not None}
+    return policy_from_settings(**over)
+
 def cmd_index(args):
-    "Index a delivery folder into instance / series / study / quarantine manifests."
+    "Index a delivery folder into instance / series / study / quarantine manifests, with the PHI audit."
     from rwid_nb.data.index import index_dicom, format_accounting
     res = index_dicom(args.root, args.out, workers=args.workers, reports=args.reports, shard=args.shard,
-                      progress=not args.quiet, chunk_size=args.chunk_size)
+                      progress=not args.quiet, chunk_size=args.chunk_size, policy=_policy(args))
     if args.quiet: print(format_accounting(res))
     return 0
 
 # %% ../nbs/90_cli.ipynb #c011
+def cmd_audit(args):
+    "Audit a delivery folder for PHI (headers, burned-in text, reports) without writing manifests."
+    from rwid_nb.data.index import audit_dicom, format_audit
+    res = audit_dicom(args.root, args.out, workers=args.workers, reports=args.reports, policy=_policy(args), progress=not args.quiet)
+    if args.quiet: print(format_audit(res))
+    return 0
+
+def cmd_release(args):
+    "Record that a reviewer released studies the audit flagged."
+    from rwid_nb.data.cohort import release_studies
+    log = release_studies(args.index, args.study_keys, args.by, args.note or '')
+    print(f"released {len(set(args.study_keys))} studies; {log.study_key.nunique()} released in {args.index} in all")
+    return 0
+
+def cmd_label(args):
+    "Label reports: sections and one column per observation (1, 0, -1 or empty)."
+    from rwid_nb.data.reports import write_labels
+    df = write_labels(args.reports, args.out, vocabulary=args.vocabulary)
+    obs = [c for c in df.columns if str(df[c].dtype) == 'Int8']
+    counts = {c: (int((df[c] == 1).sum()), int((df[c] == -1).sum()), int((df[c] == 0).sum())) for c in obs}
+    print(f"labelled {len(df):,} reports -> {args.out}")
+    print('  observation                    positive uncertain negative')
+    for c, (p, u, n) in counts.items():
+        if p or u or n: print(f"  {c:<30}{p:>9,}{u:>10,}{n:>9,}")
+    return 0
+
+# %% ../nbs/90_cli.ipynb #c013
 def _fractions(s):
     out = {}
     for part in s.split(','):
@@ -70,13 +104,16 @@ def cmd_cohort(args):
 
 def cmd_split(args):
     "Split a studies table at patient level, stratified, with whole sites held out."
-    from rwid_nb.data.cohort import read_studies, split_patients
+    from rwid_nb.data.cohort import read_studies, split_patients, passes_phi_gate
     seed = args.seed if args.seed is not None else load_settings().seed
-    df = split_patients(read_studies(args.studies), args.fractions, args.stratify, args.held_out, seed)
+    df = read_studies(args.studies)
+    if (held := ~passes_phi_gate(df)).any():
+        print(f"{int(held.sum())} studies held back by the PHI gate (flagged or quarantined by the audit, not released)")
+    df = split_patients(df[~held].reset_index(drop=True), args.fractions, args.stratify, args.held_out, seed)
     _write_split_and_report(df, args.out)
     return 0
 
-# %% ../nbs/90_cli.ipynb #c013
+# %% ../nbs/90_cli.ipynb #c015
 def cmd_demo(args):
     "Run the end-to-end demo on the default phantom cohort."
     from rwid_nb.data.phantom import generate_cohort, format_summary, read_cohort_summary
@@ -95,13 +132,14 @@ def cmd_demo(args):
     _demo_index(s, out, args)
     return 0
 
-# %% ../nbs/90_cli.ipynb #c014
+# %% ../nbs/90_cli.ipynb #c016
 def _demo_index(s, cohort_dir, args):
     "Demo stage 2: index the cohort, print the accounting and a per-site summary, and build the default cohort's split."
     from rwid_nb.data.index import index_dicom, format_accounting, query
     idx = s.data_root/'phantom'/'default_index'
     print(f"\nindexing {cohort_dir/'dicom'} -> {idx}")
-    res = index_dicom(cohort_dir/'dicom', idx, workers=args.workers, reports=cohort_dir/'reports.csv', progress=not args.quiet)
+    res = index_dicom(cohort_dir/'dicom', idx, workers=args.workers, reports=cohort_dir/'reports.csv', progress=not args.quiet,
+                      policy=_policy(argparse.Namespace(pixel_check=None, trust_burned_in_no=None)))
     if args.quiet: print(format_accounting(res))
     per_site = query(idx, """select site_id, count(distinct patient_key) as patients, count(*) as studies,
                                     string_agg(distinct modality, ',' order by modality) as modalities,
@@ -109,13 +147,18 @@ def _demo_index(s, cohort_dir, args):
                                     cast(count(*) filter (where report_available) as integer) as with_report
                              from studies group by site_id order by site_id""")
     print("\nper site:"); print(per_site.to_string(index=False))
+    from rwid_nb.data.reports import write_labels
+    labels = write_labels(cohort_dir/'reports.csv', idx/'labels.parquet')
+    obs = [c for c in labels.columns if str(labels[c].dtype) == 'Int8' and labels[c].notna().any()]
+    print(f"\nlabelled {len(labels)} reports -> {idx/'labels.parquet'} (positive / uncertain / negative per observation):")
+    print('  ' + ', '.join(f"{c} {int((labels[c] == 1).sum())}/{int((labels[c] == -1).sum())}/{int((labels[c] == 0).sum())}" for c in obs))
     definition = Path(s.source).parent/'data_manifests'/'phantom_default.v1.toml' if s.source != 'defaults' else None
     if definition is None or not definition.is_file():
         print("\n(no data_manifests/phantom_default.v1.toml next to settings.ini: skipping the cohort split)"); return
     from rwid_nb.data.cohort import build_cohort
     _write_split_and_report(build_cohort(definition, idx), idx/'split_phantom_default.v1.parquet', f"\ncohort {definition.name}: ")
 
-# %% ../nbs/90_cli.ipynb #c016
+# %% ../nbs/90_cli.ipynb #c018
 def cmd_settings(args):
     "Print the workspace settings in force and where they came from."
     s = load_settings()
@@ -125,7 +168,14 @@ def cmd_settings(args):
     for k in SETTINGS_SPEC: print(f"  {k:17s} = {d[k]}")
     return 0
 
-# %% ../nbs/90_cli.ipynb #c018
+# %% ../nbs/90_cli.ipynb #c020
+def _audit_args(p):
+    p.add_argument('--pixel-check', choices=('all', 'untrusted', 'none'), default=None,
+                   help='which images are read for burned-in text (default: the audit_pixel_check setting)')
+    p.add_argument('--trust-burned-in-no', dest='trust_burned_in_no', action='store_true', default=None,
+                   help='believe BurnedInAnnotation = NO (default: the audit_trust_burned_in_no setting)')
+    p.add_argument('--no-trust-burned-in-no', dest='trust_burned_in_no', action='store_false', help='do not believe it')
+
 def build_parser() -> argparse.ArgumentParser:
     "The `rwid` argument parser with all subcommands."
     p = argparse.ArgumentParser(prog='rwid', description='rwid_nb: fine-tune healthcare foundation models on real-world imaging data.')
@@ -157,7 +207,28 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument('--shard', default=None, metavar='I/N', help='index only shard I of N (parts combine with a Parquet glob)')
     ix.add_argument('--chunk-size', type=_positive, default=512, help='files per restartable part (default 512)')
     ix.add_argument('--quiet', action='store_true', help='no progress bar')
+    _audit_args(ix)
     ix.set_defaults(func=cmd_index)
+    au = sub.add_parser('audit', help='audit a folder of DICOM files (and reports) for PHI, without manifests',
+                        description='PS3.15 Annex E header audit, burned-in text check and report text audit: names, never values.')
+    au.add_argument('root', type=Path, help='delivery folder')
+    au.add_argument('--out', type=Path, required=True, help='folder for audit.parquet, audit_studies.parquet, audit.json')
+    au.add_argument('--reports', type=Path, default=None, help='reports table (study_key, report_text) or folder of <study_key>.txt')
+    au.add_argument('--workers', type=_positive, default=None, help='worker processes (default: all cores)')
+    au.add_argument('--quiet', action='store_true', help='no progress bar')
+    _audit_args(au)
+    au.set_defaults(func=cmd_audit)
+    rl = sub.add_parser('release', help='release studies the audit flagged, after review')
+    rl.add_argument('index', type=Path, help='manifest folder written by `rwid index`')
+    rl.add_argument('study_keys', nargs='+', help='study keys to release')
+    rl.add_argument('--by', required=True, help='who reviewed them')
+    rl.add_argument('--note', default='', help='what was checked')
+    rl.set_defaults(func=cmd_release)
+    lb = sub.add_parser('label', help='split reports into sections and label observations (CheXpert-style)')
+    lb.add_argument('reports', type=Path, help='reports table (CSV/JSONL/Parquet: study_key, report_text) or folder of <study_key>.txt')
+    lb.add_argument('--out', type=Path, required=True, help='labels table (.csv, .parquet or .jsonl)')
+    lb.add_argument('--vocabulary', type=Path, default=None, help='observation vocabulary (TOML; default: the built-in one)')
+    lb.set_defaults(func=cmd_label)
     co = sub.add_parser('cohort', help='select and split studies by a cohort definition in data_manifests/')
     co.add_argument('definition', type=Path, help='cohort definition, e.g. data_manifests/phantom_default.v1.toml')
     co.add_argument('--index', type=Path, required=True, help='manifest folder written by `rwid index`')

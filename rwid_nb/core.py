@@ -9,9 +9,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SETTINGS_SPEC', 'TRACKING_MODES', 'SETTINGS_SECTION', 'ENV_PREFIX', 'ENV_SETTINGS_FILE', 'ENV_RESERVED',
-           'SettingsError', 'Settings', 'find_settings_file', 'load_settings', 'get_logger', 'atomic_write',
-           'check_writable_dir', 'staged_dir', 'workspace_secret', 'patient_token', 'stable_seed']
+__all__ = ['SETTINGS_SPEC', 'AUDIT_PIXEL_CHECKS', 'TRACKING_MODES', 'SETTINGS_SECTION', 'ENV_PREFIX', 'ENV_SETTINGS_FILE',
+           'ENV_RESERVED', 'SettingsError', 'Settings', 'find_settings_file', 'load_settings', 'get_logger',
+           'atomic_write', 'check_writable_dir', 'staged_dir', 'workspace_secret', 'patient_token', 'stable_seed']
 
 # %% ../nbs/00_core.ipynb #c006
 SETTINGS_SPEC = {
@@ -25,7 +25,10 @@ SETTINGS_SPEC = {
     'seed':             (int,  1234,     'global seed for everything random in the workspace'),
     'demo_studies':     (int,  240,      'number of studies in the default phantom cohort made by `rwid demo`'),
     'secret_file':      (Path, '.rwid-secret', 'workspace secret for keyed patient tokens (created on first use, never committed)'),
+    'audit_pixel_check': (str, 'all', 'which images the PHI audit reads for burned-in text: all, untrusted or none'),
+    'audit_trust_burned_in_no': (bool, True, 'believe BurnedInAnnotation = NO in headers (true/false)'),
 }
+AUDIT_PIXEL_CHECKS = ('all', 'untrusted', 'none')
 TRACKING_MODES = ('offline', 'online', 'disabled')
 SETTINGS_SECTION = 'rwid'
 ENV_PREFIX = 'RWID_'
@@ -51,6 +54,8 @@ class Settings:
     seed: int
     demo_studies: int
     secret_file: Path
+    audit_pixel_check: str
+    audit_trust_burned_in_no: bool
     source: str = ''  # where the values came from (file path or 'defaults'), for messages
 
     def as_dict(self):
@@ -85,6 +90,10 @@ def _convert(key, raw, typ, where):
     if typ is Path:
         if not raw: raise SettingsError(f"setting '{key}' ({where}) must be a path, got an empty value")
         return raw
+    if typ is bool:
+        if raw.lower() in ('true', 'yes', '1', 'on'): return True
+        if raw.lower() in ('false', 'no', '0', 'off'): return False
+        raise SettingsError(f"setting '{key}' ({where}) must be true or false, got {raw!r}")
     return raw
 
 def load_settings(path:Path|str|None=None, # settings file; default: `find_settings_file()`
@@ -121,6 +130,9 @@ def load_settings(path:Path|str|None=None, # settings file; default: `find_setti
     if out['tracking_mode'] not in TRACKING_MODES:
         raise SettingsError(f"setting 'tracking_mode' ({where['tracking_mode']}) must be one of {', '.join(TRACKING_MODES)}, "
                             f"got {out['tracking_mode']!r}")
+    if out['audit_pixel_check'] not in AUDIT_PIXEL_CHECKS:
+        raise SettingsError(f"setting 'audit_pixel_check' ({where['audit_pixel_check']}) must be one of "
+                            f"{', '.join(AUDIT_PIXEL_CHECKS)}, got {out['audit_pixel_check']!r}")
     return Settings(**out, source=str(f) if f is not None else 'defaults')
 
 # %% ../nbs/00_core.ipynb #c018

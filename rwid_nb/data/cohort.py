@@ -15,9 +15,10 @@ from ..core import atomic_write, get_logger, stable_seed
 
 # %% auto #0
 __all__ = ['SPLITS', 'OOD', 'AUDIT_STATUSES', 'SEXES', 'AGE_CAP', 'LABEL_VALUES', 'DEFINITION_SPEC', 'REQUIRED_KEYS',
-           'SPLIT_DEFAULTS', 'CohortDefinitionError', 'CohortDefinition', 'load_cohort_definition', 'parse_age_band',
-           'select_studies', 'split_patients', 'split_summary', 'read_table', 'read_studies', 'build_cohort',
-           'write_split']
+           'SPLIT_DEFAULTS', 'PHI_GATE', 'RELEASES_FILE', 'RELEASE_COLUMNS', 'CohortDefinitionError',
+           'CohortDefinition', 'load_cohort_definition', 'parse_age_band', 'passes_phi_gate', 'select_studies',
+           'split_patients', 'split_summary', 'read_table', 'read_studies', 'read_releases', 'release_studies',
+           'build_cohort', 'write_split']
 
 # %% ../../nbs/11a_data.cohort.ipynb #c005
 _log = get_logger(__name__)
@@ -225,6 +226,20 @@ def _label_masks(lab_filters:dict, studies:pd.DataFrame, labels:pd.DataFrame|Non
     return out
 
 # %% ../../nbs/11a_data.cohort.ipynb #c036
+PHI_GATE = ('flagged', 'quarantined')  # audit statuses that never reach a split unless released (flagged only)
+
+def _released(studies:pd.DataFrame) -> np.ndarray:
+    "Whether each study was released by a reviewer after the audit flagged it (`audit_released`, False if absent)."
+    if 'audit_released' not in studies: return np.zeros(len(studies), bool)
+    return studies['audit_released'].fillna(False).astype(bool).to_numpy()
+
+def passes_phi_gate(studies:pd.DataFrame, # one row per study, with `audit_status` (and `audit_released`) if audited
+                   ) -> np.ndarray:
+    "Whether each study may be split: clean, not audited, or flagged and released by a reviewer."
+    if 'audit_status' not in studies: return np.ones(len(studies), bool)
+    st = studies['audit_status']
+    return ~_in(st, ['quarantined']) & (~_in(st, ['flagged']) | _released(studies))
+
 def _need(studies, col, why, where):
     if col not in studies: raise ValueError(f"studies table has no column {col!r}, needed by [filters] {why} of {where}")
 
@@ -248,10 +263,13 @@ def _filter_masks(d:CohortDefinition, studies:pd.DataFrame, labels, where) -> li
         out.append(('age', f"age band within [{f.get('min_age', 0)}, {f.get('max_age', AGE_CAP)}]",
                     _age_mask(studies['patient_age_band'], studies['study_key'], f.get('min_age'), f.get('max_age'))))
     if f.get('sex'): _need(studies, 'patient_sex', 'sex', where); out.append(('sex', f"patient_sex in {', '.join(f['sex'])}", _in(studies['patient_sex'], f['sex'])))
-    if f.get('exclude_audit_status'):
-        ex = f['exclude_audit_status']
-        if 'audit_status' in studies: out.append(('audit_status', f"audit_status not in {', '.join(ex)}", ~_in(studies['audit_status'], ex)))
-        else: out.append(('audit_status', "no audit_status column: every study treated as 'clean'", np.ones(len(studies), bool)))
+    ex = [s for s in AUDIT_STATUSES if s in set(f.get('exclude_audit_status') or ()) | set(PHI_GATE)]
+    if 'audit_status' in studies:
+        rel = _released(studies)
+        out.append(('audit_status', f"audit_status not in {', '.join(ex)}" + (f" (flagged but released: {int(rel.sum())})" if rel.any() else ''),
+                    ~_in(studies['audit_status'], ex) | (rel & _in(studies['audit_status'], ['flagged']))))
+    elif f.get('exclude_audit_status'):
+        out.append(('audit_status', "no audit_status column: every study treated as 'clean'", np.ones(len(studies), bool)))
     if f.get('labels'): out += _label_masks(f['labels'], studies, labels, where)
     return out
 
@@ -312,6 +330,9 @@ def _check_split_input(studies, stratify, held_out_sites):
     if 'patient_key' in stratify: raise ValueError("stratify cannot contain 'patient_key'")
     if n := int(studies['patient_key'].isna().sum()):
         raise ValueError(f"{n} studies have no patient_key: a patient-level split needs every study's patient")
+    if (held := ~passes_phi_gate(studies)).any():
+        raise ValueError(f"{int(held.sum())} studies failed the PHI audit (flagged or quarantined, not released): they may "
+                         "not be split; drop them first (select_studies does, `passes_phi_gate` says which)")
 
 # %% ../../nbs/11a_data.cohort.ipynb #c055
 def split_patients(studies:pd.DataFrame,        # one row per study, with patient_key, site_id and the stratify columns
@@ -382,9 +403,44 @@ def read_studies(index:Path|str, # an index folder holding studies*.parquet, or 
     df = pd.concat([read_table(f) for f in files], ignore_index=True)
     if 'study_key' in df and (dup := df['study_key'].duplicated()).any():
         raise ValueError(f"{index}: {int(dup.sum())} study_key values occur twice across {', '.join(f.name for f in files)}")
+    if index.is_dir() and 'study_key' in df:
+        df['audit_released'] = df['study_key'].isin(read_releases(index)['study_key'])
     return df
 
 # %% ../../nbs/11a_data.cohort.ipynb #c069
+RELEASES_FILE = 'audit_releases.csv'
+RELEASE_COLUMNS = ['study_key', 'released_by', 'released_at', 'note']
+
+def read_releases(index_dir:Path|str, # an index folder
+                 ) -> pd.DataFrame:
+    "The release log of an index folder (empty if none was written)."
+    p = Path(index_dir)/RELEASES_FILE
+    if not p.exists(): return pd.DataFrame({c: pd.Series(dtype=str) for c in RELEASE_COLUMNS})
+    return pd.read_csv(p, dtype=str, keep_default_na=False)
+
+def release_studies(index_dir:Path|str, # the index folder whose studies the audit flagged
+                    study_keys:list,     # studies a reviewer has checked
+                    released_by:str,     # the reviewer
+                    note:str='',         # why (what was checked)
+                   ) -> pd.DataFrame:
+    "Record that a reviewer released flagged studies for use; refuses unknown, clean and quarantined studies."
+    if not str(released_by).strip(): raise ValueError("released_by: say who reviewed the studies")
+    studies = read_studies(index_dir)
+    if 'audit_status' not in studies: raise ValueError(f"{index_dir}: the studies table has no audit_status (index it again)")
+    st = dict(zip(studies['study_key'], studies['audit_status']))
+    keys = list(dict.fromkeys(str(k) for k in study_keys))
+    if bad := [k for k in keys if k not in st]: raise ValueError(f"{len(bad)} study keys are not in {index_dir} (first: {bad[0]})")
+    if bad := [k for k in keys if st[k] == 'quarantined']:
+        raise ValueError(f"{len(bad)} studies are quarantined (never de-identified): de-identify and re-index them; "
+                         f"they cannot be released (first: {bad[0]})")
+    if bad := [k for k in keys if st[k] != 'flagged']: raise ValueError(f"{len(bad)} studies are not flagged (first: {bad[0]})")
+    now = pd.Timestamp.now(tz='UTC').strftime('%Y-%m-%dT%H:%M:%SZ')
+    log = pd.concat([read_releases(index_dir), pd.DataFrame({'study_key': keys, 'released_by': str(released_by).strip(),
+                                                              'released_at': now, 'note': note})], ignore_index=True)
+    with atomic_write(Path(index_dir)/RELEASES_FILE, 'w', encoding='utf-8', newline='') as f: log.to_csv(f, index=False)
+    return log
+
+# %% ../../nbs/11a_data.cohort.ipynb #c071
 def build_cohort(definition:CohortDefinition|Path|str, # the cohort definition (or its TOML file)
                  index_dir:Path|str,                    # index folder with studies*.parquet (or one studies table file)
                  labels:pd.DataFrame|Path|str|None=None, # optional labels table (or its .csv/.parquet) keyed by study_key
@@ -396,7 +452,7 @@ def build_cohort(definition:CohortDefinition|Path|str, # the cohort definition (
     s = d.split
     return split_patients(sel, s['fractions'], s['stratify'], s['held_out_sites'], s['seed'])
 
-# %% ../../nbs/11a_data.cohort.ipynb #c071
+# %% ../../nbs/11a_data.cohort.ipynb #c073
 def write_split(df:pd.DataFrame,    # a split cohort (with a `split` column)
                 out_path:Path|str,  # .parquet or .csv
                ) -> Path:

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/11_data.index.ipynb #c003
 from __future__ import annotations
-import os, re, json, stat, time, uuid, hmac, shutil, struct, hashlib, logging, warnings, contextlib, datetime
+import io, os, re, json, stat, time, uuid, hmac, shutil, struct, hashlib, logging, warnings, contextlib, datetime, dataclasses
 from pathlib import Path
 from functools import lru_cache
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -19,13 +19,19 @@ from tqdm.auto import tqdm
 
 from ..core import atomic_write, stable_seed, patient_token, workspace_secret, get_logger, check_writable_dir
 from .dicom import missing_decoder
+from rle.rle import decode_segment as _rle_decode_segment
+from .report_phi import phi_rules
+from .reports import read_report_texts
+from .phi import (AuditPolicy, Declaration, DEID_OPTIONS, audit_header, audit_status, burned_in_finding,
+                              AUDIT_STATUSES)
 
 # %% auto #0
-__all__ = ['QUARANTINE_REASONS', 'INDEX_VERSION', 'RECORD_SCHEMA', 'INSTANCE_COLUMNS', 'QUARANTINE_COLUMNS', 'SERIES_COLUMNS',
-           'STUDY_COLUMNS', 'REPORT_LINK_COLUMNS', 'TABLES', 'list_files', 'parse_shard', 'path_hash',
+__all__ = ['QUARANTINE_REASONS', 'INDEX_VERSION', 'HEAD_BYTES', 'RECORD_SCHEMA', 'INSTANCE_COLUMNS', 'QUARANTINE_COLUMNS',
+           'SERIES_COLUMNS', 'STUDY_COLUMNS', 'REPORT_LINK_COLUMNS', 'TABLES', 'REPORTS_SCHEMA', 'PIXEL_SCHEMA',
+           'PIXEL_FINDINGS_SCHEMA', 'DUCKDB_MEMORY_LIMIT', 'AUDIT_COLUMNS', 'list_files', 'parse_shard', 'path_hash',
            'dicom_signature', 'age_band', 'site_for', 'read_attributes', 'header_fields', 'expected_native_length',
-           'codestream_size', 'packbits_length', 'check_pixel_data', 'scan_file', 'manifest_name', 'read_reports',
-           'index_dicom', 'format_accounting', 'query']
+           'codestream_size', 'rle_segment_length', 'check_pixel_data', 'audit_fields', 'scan_file', 'manifest_name',
+           'read_reports', 'index_dicom', 'format_accounting', 'query', 'audit_dicom', 'format_audit']
 
 # %% ../../nbs/11_data.index.ipynb #c006
 QUARANTINE_REASONS = {
@@ -39,7 +45,7 @@ QUARANTINE_REASONS = {
     'inconsistent_geometry': 'pixel data length, frame table or codestream size disagrees with Rows/Columns/frames/bits',
     'duplicate_instance': 'the same SOPInstanceUID is already indexed from an earlier path (sorted order)',
 }
-INDEX_VERSION = 1  # bump when scanning changes: cached part files of another version are rescanned
+INDEX_VERSION = 2  # bump when scanning changes: cached part files of another version are rescanned
 _log = get_logger(__name__)
 
 # %% ../../nbs/11_data.index.ipynb #c008
@@ -423,17 +429,11 @@ def codestream_size(buf:bytes, # the first bytes (a few KiB) of a frame's codest
             i += size
     return None
 
-_PB_STEP = bytes(h + 2 if h < 128 else 1 if h == 128 else 2 for h in range(256))  # bytes a run header consumes
-_PB_EMIT = bytes(h + 1 if h < 128 else 0 if h == 128 else 257 - h for h in range(256))  # bytes it expands to
-
-def packbits_length(seg:bytes, # one RLE segment (PS3.5 Annex G)
-                   ) -> int:
-    "Bytes an RLE segment expands to (its decoded size), from its run headers alone."
-    n = i = 0
-    end, step, emit = len(seg), _PB_STEP, _PB_EMIT
-    while i < end:
-        h = seg[i]; i += step[h]; n += emit[h]
-    return n
+def rle_segment_length(seg:bytes, # one RLE segment (PS3.5 Annex G)
+                      ) -> int|None:
+    "Bytes an RLE segment expands to (its decoded size); None if it cannot be decoded."
+    try: return len(_rle_decode_segment(bytes(seg)))
+    except Exception: return None
 
 # %% ../../nbs/11_data.index.ipynb #c041
 _PIXEL_TAGS = {0x7FE00010: 'PixelData', 0x7FE00008: 'FloatPixelData', 0x7FE00009: 'DoubleFloatPixelData'}
@@ -493,7 +493,8 @@ def _rle_problem(fp, start, length, f):
     end = offs[1] if n_seg > 1 else length
     if not 64 <= offs[0] < end <= length: return 'RLE segment offsets do not fit the frame'
     fp.seek(start + offs[0])
-    n, px = packbits_length(fp.read(end - offs[0])), f['rows'] * f['columns']
+    n, px = rle_segment_length(fp.read(end - offs[0])), f['rows'] * f['columns']
+    if n is None: return 'the first RLE segment cannot be decoded'
     if abs(n - px) >= f['columns']: return f'the first RLE segment expands to {n} bytes, Rows x Columns = {px}'
     return None
 
@@ -549,6 +550,27 @@ def check_pixel_data(fp,            # the open file, positioned anywhere
     return (None, None, extra)
 
 # %% ../../nbs/11_data.index.ipynb #c045
+def audit_fields(ds:pydicom.Dataset, # the header as read
+                 rec:dict,           # its `header_fields`
+                 policy:AuditPolicy, # what the audit requires and trusts
+                ) -> dict:
+    "`audit_findings` (attribute names) and the header's audit status for one instance."
+    codes = rec['deid_method_codes'] or []
+    lon = ds.get_item(0x00280303)
+    lon = lon.value.strip(b' \x00').decode('ascii', 'replace').upper() if type(lon) is _RAW and lon.value else (
+        str(lon.value).upper() if lon is not None and lon.value else None)
+    dec = Declaration(rec['deid_patient_identity_removed'], frozenset(DEID_OPTIONS[c] for c in codes if c in DEID_OPTIONS),
+                      tuple(codes), lon)
+    findings = audit_header(ds, policy, dec)
+    it = ds.get_item(0x00080008)  # ImageType, all values
+    it = (it.value.decode('ascii', 'replace') if type(it) is _RAW and it.value else
+          '\\'.join(map(str, it.value)) if it is not None and isinstance(it.value, (list, MultiValue)) else
+          str(it.value) if it is not None and it.value else None)
+    if (b := burned_in_finding(rec['burned_in_annotation'], rec['modality'], rec['sop_class_uid'], it, policy)):
+        findings = sorted(findings + [b])
+    return dict(audit_findings=findings, _header_status=audit_status(findings, dec.identity_removed))
+
+# %% ../../nbs/11_data.index.ipynb #c048
 def _header_cut(ds, size):
     "Whether the top-level data set of a file that ended without pixel data was cut inside its last element."
     last, last_pos = None, -1
@@ -560,7 +582,19 @@ def _header_cut(ds, size):
     if last.length == 0xFFFFFFFF: return False
     return last.value_tell + last.length != size
 
-def _scan(path, rel, secret):
+HEAD_BYTES = 16384  # one read that holds the whole header of most files
+_DEFLATED = str(dcm_uid.DeflatedExplicitVRLittleEndian).encode()
+
+def _read_head(head, size, force):
+    "(data set, pixel data offset) parsed from the file's first bytes, or (None, None) if the whole file must be read."
+    if _DEFLATED in head[:1024]: return None, None  # deflated: pydicom inflates the rest of the file
+    b = io.BytesIO(head)
+    try: ds = pydicom.dcmread(b, stop_before_pixels=True, force=force)
+    except Exception: return None, None
+    if b.tell() >= len(head) and size > len(head): return None, None  # the buffer ended before the header did
+    return ds, b.tell()
+
+def _scan(path, rel, secret, policy):
     try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
         fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
         st = os.fstat(fd)
@@ -572,23 +606,28 @@ def _scan(path, rel, secret):
     rec = {'site_id': site_for(None, None, rel, secret)}
     with fp:
         size = st.st_size
-        kind = dicom_signature(fp.read(256))
+        head = fp.read(HEAD_BYTES)
+        kind = dicom_signature(head[:256])
         if kind not in ('part10', 'no preamble'): return dict(rec, reason='not_dicom', detail=kind)
-        fp.seek(0)
-        try: ds = pydicom.dcmread(fp, stop_before_pixels=True, force=kind == 'no preamble')
-        except Exception as e:
-            if fp.tell() >= size: return dict(rec, reason='truncated', detail=f'the file ends inside the header ({type(e).__name__})')
-            return dict(rec, reason='unreadable_header', detail=f'pydicom cannot parse the header ({type(e).__name__})')
-        pos = fp.tell()
+        ds, pos = _read_head(head, size, kind == 'no preamble')
+        if ds is None:  # the header is longer than the first read, or something went wrong: read it from the file
+            fp.seek(0)
+            try: ds = pydicom.dcmread(fp, stop_before_pixels=True, force=kind == 'no preamble')
+            except Exception as e:
+                if fp.tell() >= size: return dict(rec, reason='truncated', detail=f'the file ends inside the header ({type(e).__name__})')
+                return dict(rec, reason='unreadable_header', detail=f'pydicom cannot parse the header ({type(e).__name__})')
+            pos = fp.tell()
         implicit, little = ds.original_encoding
+        hdr = _element_header(fp, pos, implicit, little) if pos < size else None
+        cut = hdr is None and _header_cut(ds, size)  # before anything converts the raw elements it reads
         rec.update(header_fields(ds, rel, secret))
+        rec.update(audit_fields(ds, rec, policy))
         if rec['transfer_syntax'] == dcm_uid.DeflatedExplicitVRLittleEndian:
             return dict(rec, **_check_deflated(path, rec))
-        hdr = _element_header(fp, pos, implicit, little) if pos < size else None
         if hdr is None or hdr[0] not in _PIXEL_TAGS:
             if pos < size and hdr is not None:
                 return dict(rec, reason='unreadable_header', detail='the header parser stopped before the end of the file')
-            if _header_cut(ds, size): return dict(rec, reason='truncated', detail='the file ends inside a header element')
+            if cut: return dict(rec, reason='truncated', detail='the file ends inside a header element')
             return dict(rec, reason='no_pixel_data', detail=f"no pixel data ({rec['modality'] or 'no Modality'})")
         reason, detail, extra = check_pixel_data(fp, pos, size, rec['transfer_syntax'], implicit, little, rec)
         rec.update(extra)
@@ -627,20 +666,21 @@ def scan_file(root:Path|str,    # the delivery folder
               rel:str,          # the file's path relative to `root` (posix)
               secret:bytes,     # keys patient, date and institution tokens
               size:int|None=None, mtime_ns:int|None=None, # from the listing (the cache key); default: stat now
+              policy:AuditPolicy|None=None, # the PHI audit's policy (default `AuditPolicy()`)
              ) -> dict:
-    "One record for one file: header columns plus `reason`/`detail` (None when indexed). Never raises."
+    "One record for one file: header and audit columns plus `reason`/`detail` (None when indexed). Never raises."
     p = os.path.join(root, rel)
     if size is None or mtime_ns is None:
         try: s = os.stat(p); size, mtime_ns = s.st_size, s.st_mtime_ns
         except OSError: size, mtime_ns = -1, 0
     rec = dict(path=rel, file_size=int(size), mtime_ns=int(mtime_ns), _path_hash=path_hash(rel), reason=None, detail=None)
     try:
-        with _quiet_pydicom(): rec.update(_scan(p, rel, secret))
+        with _quiet_pydicom(): rec.update(_scan(p, rel, secret, policy or AuditPolicy()))
     except Exception as e:  # pydicom raises many things on hostile input; none may escape
         rec.update(reason='unreadable_header', detail=f'{type(e).__name__} while reading the header')
     return rec
 
-# %% ../../nbs/11_data.index.ipynb #c051
+# %% ../../nbs/11_data.index.ipynb #c054
 _STR, _I64, _F64, _BOOL = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 RECORD_SCHEMA = pa.schema([
     ('path', _STR), ('file_size', _I64), ('mtime_ns', _I64), ('reason', _STR), ('detail', _STR),
@@ -655,20 +695,22 @@ RECORD_SCHEMA = pa.schema([
     ('rescale_slope', _F64), ('rescale_intercept', _F64), ('window_center', _F64), ('window_width', _F64),
     ('patient_age_band', _STR), ('patient_sex', _STR), ('deid_patient_identity_removed', _BOOL),
     ('deid_method_codes', pa.list_(_STR)), ('burned_in_annotation', _STR), ('lossy_compression', _BOOL),
-    ('encapsulated', _BOOL), ('n_fragments', _I64),
+    ('encapsulated', _BOOL), ('n_fragments', _I64), ('audit_findings', pa.list_(_STR)), ('_header_status', _STR),
     ('_study_day', _I64), ('_path_hash', _I64), ('_secret_fp', _STR), ('_version', _I64)])
 
-def _secret_fingerprint(secret):
-    return hashlib.sha256(b'rwid-index-secret-fingerprint\x1f' + secret).hexdigest()[:16]
+def _secret_fingerprint(secret, policy=None):
+    "Fingerprint of what a record depends on besides the file: the secret and the audit policy."
+    pol = repr(sorted(dataclasses.asdict(policy or AuditPolicy()).items())).encode()
+    return hashlib.sha256(b'rwid-index-secret-fingerprint\x1f' + secret + b'\x1f' + pol).hexdigest()[:16]
 
 def _scan_chunk(job):
     "Worker: scan a chunk of files and write its records as one part file, atomically. Returns the count."
-    root, part, files, secret = job
-    fp = _secret_fingerprint(secret)
+    root, part, files, secret, policy = job
+    fp = _secret_fingerprint(secret, policy)
     recs = []
     with _quiet_pydicom():
         for rel, size, mtime in files:
-            r = scan_file(root, rel, secret, size, mtime)
+            r = scan_file(root, rel, secret, size, mtime, policy)
             r['_secret_fp'] = fp; r['_version'] = INDEX_VERSION
             recs.append(r)
     table = pa.Table.from_pylist(recs, schema=RECORD_SCHEMA)
@@ -690,7 +732,7 @@ def _known_keys(parts, fp):
                     if f == fp and v == INDEX_VERSION)
     return keys
 
-# %% ../../nbs/11_data.index.ipynb #c053
+# %% ../../nbs/11_data.index.ipynb #c056
 INSTANCE_COLUMNS = [
     'path', 'file_size', 'mtime_ns', 'site_id', 'patient_key', 'patient_key_source', 'study_key', 'study_key_source',
     'study_uid', 'series_uid', 'instance_uid', 'sop_class_uid', 'modality', 'body_part', 'view', 'manufacturer', 'model',
@@ -699,7 +741,7 @@ INSTANCE_COLUMNS = [
     'pixel_spacing_col', 'pixel_spacing_source', 'slice_thickness', 'image_position', 'image_orientation',
     'series_number', 'instance_number', 'rescale_slope', 'rescale_intercept', 'window_center', 'window_width',
     'patient_age_band', 'patient_sex', 'study_date_offset', 'deid_patient_identity_removed', 'deid_method_codes',
-    'burned_in_annotation', 'report_available']
+    'burned_in_annotation', 'report_available', 'audit_status', 'audit_findings']
 QUARANTINE_COLUMNS = ['path', 'reason', 'detail', 'file_size', 'mtime_ns', 'site_id', 'modality', 'transfer_syntax']
 SERIES_COLUMNS = [
     'series_uid', 'study_key', 'study_uid', 'patient_key', 'site_id', 'series_number', 'modality', 'body_part', 'view',
@@ -708,7 +750,7 @@ SERIES_COLUMNS = [
 STUDY_COLUMNS = [
     'study_key', 'study_key_source', 'study_uid', 'n_study_uids', 'patient_key', 'site_id', 'modality', 'modalities',
     'body_part', 'patient_age_band', 'patient_sex', 'study_date_offset', 'n_series', 'n_instances', 'manufacturer',
-    'report_available', 'report_matched_by']
+    'report_available', 'report_matched_by', 'audit_status', 'audit_findings', 'report_audit_findings']
 REPORT_LINK_COLUMNS = ['study_key', 'report_key', 'matched_by', 'report_chars']
 TABLES = ('instances', 'series', 'studies', 'quarantine', 'report_links')
 
@@ -719,7 +761,7 @@ def _mode_join(table, key, cols):
     return ' '.join(f"LEFT JOIN (SELECT {key}, first({c} ORDER BY n DESC, {c}) AS {c} FROM (SELECT {key}, {c}, count(*) AS n "
                     f"FROM {table} WHERE {c} IS NOT NULL GROUP BY {key}, {c}) GROUP BY {key}) USING ({key})" for c in cols)
 
-# %% ../../nbs/11_data.index.ipynb #c054
+# %% ../../nbs/11_data.index.ipynb #c057
 def _link_reports(con):
     "Create `links` (one row per linked study) from `inst` and the registered `rep` table."
     con.execute("""CREATE TEMP TABLE folders AS SELECT DISTINCT study_key, unnest(list_slice(string_split(path, '/'), 1,
@@ -733,9 +775,12 @@ def _link_reports(con):
           WHERE f.folder IN (SELECT folder FROM folders GROUP BY folder HAVING count(DISTINCT study_key) = 1))
       SELECT c.study_key, first(c.report_key ORDER BY c.prio, c.report_key) AS report_key,
              first(c.matched_by ORDER BY c.prio, c.report_key) AS matched_by FROM cand c GROUP BY c.study_key""")
-    con.execute("CREATE TEMP TABLE links2 AS SELECT l.*, r.report_chars FROM links l JOIN rep r USING (report_key)")
+    con.execute("CREATE TEMP TABLE links2 AS SELECT l.*, r.report_chars, r.report_audit_findings FROM links l JOIN rep r USING (report_key)")
 
-def _build_tables(con, scans, reports, n):
+_NO_LIST = "[]::VARCHAR[]"
+_STATUS_SQL = "['clean', 'flagged', 'quarantined'][{} + 1]"  # severity 0/1/2 -> status (`AUDIT_STATUSES`)
+
+def _build_tables(con, scans, reports, n, pixel_findings=None):
     "Views `rec2` (every file) and `inst0` (indexed) over the scan files, and the small tables the manifests need."
     con.execute(f"CREATE TEMP VIEW rec AS SELECT * FROM read_parquet([{', '.join(map(_sql_str, scans))}], union_by_name=true)")
     # narrow side tables, so the wide records stream from disk and are never held: duplicates to demote, first days
@@ -751,21 +796,34 @@ def _build_tables(con, scans, reports, n):
     con.execute("""CREATE TEMP VIEW inst0 AS SELECT r.*, r._study_day - f.d0 AS study_date_offset FROM rec2 r
                    LEFT JOIN first_day f USING (patient_key) WHERE r.reason IS NULL""")
     con.execute(f"""CREATE TEMP TABLE agg AS SELECT {', '.join(_AGG_COLUMNS)} FROM inst0""")  # what aggregates read
-    rep = reports if reports is not None else pa.table({'report_key': pa.array([], _STR), 'report_chars': pa.array([], _I64)})
+    rep = reports if reports is not None else REPORTS_SCHEMA.empty_table()
     con.register('rep', rep)
+    con.register('pixf', pixel_findings if pixel_findings is not None else PIXEL_FINDINGS_SCHEMA.empty_table())
+    # the audit of each instance: header findings (from the scan) and pixel findings, as a severity 0/1/2
+    con.execute(f"""CREATE TEMP TABLE ia AS SELECT i.path, i.study_key,
+        list_sort(list_distinct(list_concat(coalesce(i.audit_findings, {_NO_LIST}), coalesce(p.pixel_findings, {_NO_LIST})))) AS findings,
+        CASE WHEN i._header_status = 'quarantined' THEN 2 WHEN i._header_status = 'flagged'
+             OR len(coalesce(p.pixel_findings, {_NO_LIST})) > 0 THEN 1 ELSE 0 END AS sev
+        FROM inst0 i LEFT JOIN pixf p USING (path)""")
     con.execute("CREATE TEMP VIEW inst AS SELECT * FROM agg")
     _link_reports(con)
+    rf = f"coalesce(l.report_audit_findings, {_NO_LIST})"
     con.execute(f"""CREATE TEMP TABLE studies_t AS SELECT b.*, m.*, l.report_key IS NOT NULL AS report_available,
-        l.matched_by AS report_matched_by FROM (SELECT study_key, min(study_uid) AS study_uid,
+        l.matched_by AS report_matched_by,
+        {_STATUS_SQL.format(f"greatest(au.sev, CASE WHEN len({rf}) > 0 THEN 1 ELSE 0 END)")} AS audit_status,
+        list_sort(list_distinct(list_concat(au.findings, {rf}))) AS audit_findings, {rf} AS report_audit_findings
+        FROM (SELECT study_key, min(study_uid) AS study_uid,
           count(DISTINCT study_uid) AS n_study_uids, list_sort(list_distinct(list(modality))) AS modalities,
           min(study_date_offset) AS study_date_offset, count(DISTINCT series_uid) AS n_series, count(*) AS n_instances,
           arg_min(_path_hash, path) % {n} AS _part FROM agg GROUP BY study_key) b
         LEFT JOIN (SELECT study_key AS _k, * EXCLUDE (study_key) FROM (SELECT DISTINCT study_key FROM agg)
           {_mode_join('agg', 'study_key', ['study_key_source', 'patient_key', 'site_id', 'modality', 'body_part',
                                              'patient_age_band', 'patient_sex', 'manufacturer'])}) m ON m._k = b.study_key
-        LEFT JOIN links2 l ON l.study_key = b.study_key""")
+        LEFT JOIN links2 l ON l.study_key = b.study_key
+        LEFT JOIN (SELECT study_key AS _ak, max(sev) AS sev, list_sort(list_distinct(flatten(list(findings)))) AS findings
+                   FROM ia GROUP BY study_key) au ON au._ak = b.study_key""")
 
-# %% ../../nbs/11_data.index.ipynb #c056
+# %% ../../nbs/11_data.index.ipynb #c059
 _AGG_COLUMNS = ['path', '_path_hash', 'study_key', 'study_key_source', 'study_uid', 'series_uid', 'patient_key', 'site_id',
                 'modality', 'body_part', 'view', 'manufacturer', 'model', 'transfer_syntax', 'photometric', 'rows',
                 'columns', 'frames', 'slice_thickness', 'series_number', 'instance_number', 'pixel_spacing_row',
@@ -787,8 +845,11 @@ def _table_sql(name, n):
     "SELECT producing manifest `name` with a `_part` column (shard of the row)."
     cols = lambda cs, p='': ', '.join(f'{p}{c}' for c in cs)
     if name == 'instances':
-        return (f"SELECT {cols(INSTANCE_COLUMNS[:-1], 'i.')}, coalesce(s.report_available, false) AS report_available, "
-                f"i._path_hash % {n} AS _part FROM inst0 i LEFT JOIN studies_t s USING (study_key)", 'path')
+        rf = f"coalesce(s.report_audit_findings, {_NO_LIST})"
+        return (f"SELECT {cols(INSTANCE_COLUMNS[:-3], 'i.')}, coalesce(s.report_available, false) AS report_available, "
+                f"{_STATUS_SQL.format(f'greatest(a.sev, CASE WHEN len({rf}) > 0 THEN 1 ELSE 0 END)')} AS audit_status, "
+                f"list_sort(list_distinct(list_concat(a.findings, {rf}))) AS audit_findings, "
+                f"i._path_hash % {n} AS _part FROM inst0 i LEFT JOIN studies_t s USING (study_key) JOIN ia a USING (path)", 'path')
     if name == 'quarantine':
         return f"SELECT {cols(QUARANTINE_COLUMNS)}, _path_hash % {n} AS _part FROM rec2 WHERE reason IS NOT NULL", 'path'
     if name == 'studies': return f"SELECT {cols(STUDY_COLUMNS)}, _part FROM studies_t", 'study_key'
@@ -804,12 +865,13 @@ def manifest_name(table:str, # one of `TABLES`
     "File name of one table of a manifest: `instances.parquet`, or `instances-<i>-of-<N>.parquet` for shard i of N."
     return f'{table}.parquet' if n == 1 else f'{table}-{i}-of-{n}.parquet'
 
-# %% ../../nbs/11_data.index.ipynb #c058
-def _write_manifests(con, out, i, n, reports):
+# %% ../../nbs/11_data.index.ipynb #c061
+def _write_manifests(con, out, i, n, reports, policy, root, fp, workers, progress):
     "Build every table from the scan files of all `n` shards and write them atomically; returns the accounting."
     parts = out/'.parts'
     try:
-        _build_tables(con, [str(parts/f'scan-{j}-of-{n}.parquet') for j in range(n)], reports, n)
+        scans = [str(parts/f'scan-{j}-of-{n}.parquet') for j in range(n)]
+        _build_tables(con, scans, reports, n, _pixel_findings(con, parts, root, n, scans, fp, policy, workers, progress))
         written = set()
         for t in TABLES:
             sql, key = _table_sql(t, n)
@@ -835,38 +897,147 @@ def _write_manifests(con, out, i, n, reports):
                    reports_linked=con.execute("SELECT count(*) FROM links2").fetchone()[0])
         acc['reports_unmatched'] = con.execute("SELECT count(DISTINCT report_key) FROM rep WHERE report_key NOT IN "
                                                "(SELECT report_key FROM links2)").fetchone()[0] if reports is not None else 0
+        acc['audit'] = _audit_accounting(con, n)
     finally:
         con.execute('DROP VIEW IF EXISTS inst')
-        for t in ('agg', 'dups', 'first_day', 'folders', 'links', 'links2', 'studies_t'): con.execute(f'DROP TABLE IF EXISTS {t}')
+        for t in ('agg', 'dups', 'first_day', 'folders', 'links', 'links2', 'studies_t', 'ia'): con.execute(f'DROP TABLE IF EXISTS {t}')
+        for t in ('pixf', 'rep'):
+            with contextlib.suppress(Exception): con.unregister(t)
         for v in ('inst0', 'rec2', 'rec'): con.execute(f'DROP VIEW IF EXISTS {v}')
     return acc
 
-# %% ../../nbs/11_data.index.ipynb #c060
+# %% ../../nbs/11_data.index.ipynb #c063
+REPORTS_SCHEMA = pa.schema([('report_key', _STR), ('report_chars', _I64), ('report_audit_findings', pa.list_(_STR))])
+
 def read_reports(reports:Path|str, # CSV / JSONL / Parquet table with study_key and report_text, or a folder of <key>.txt
                 ) -> pa.Table:
-    "`report_key`, `report_chars` for every non-empty report (the text itself is not kept)."
-    import pandas as pd
-    p = Path(reports).expanduser()
-    if p.is_dir():
-        keys, chars = [], []
-        for f in sorted(p.rglob('*.txt')):
-            keys.append(f.stem); chars.append(len(f.read_text(encoding='utf-8', errors='replace').strip()))
-        df = pd.DataFrame({'report_key': keys, 'report_chars': chars})
-    else:
-        if not p.is_file(): raise FileNotFoundError(f"reports {p}: no such file or folder")
-        sfx = ''.join(p.suffixes[-2:]).lower()
-        if sfx.endswith('.csv') or sfx.endswith('.csv.gz'): t = pd.read_csv(p, dtype=str, keep_default_na=False)
-        elif sfx.endswith(('.jsonl', '.ndjson', '.json')): t = pd.read_json(p, lines=True, dtype=False)
-        elif sfx.endswith('.parquet'): t = pd.read_parquet(p)
-        else: raise ValueError(f"reports {p}: expected a .csv, .jsonl or .parquet table or a folder of <study_key>.txt files")
-        missing = [c for c in ('study_key', 'report_text') if c not in t.columns]
-        if missing: raise ValueError(f"reports table {p.name} lacks column(s) {missing}; it has {list(t.columns)}")
-        df = pd.DataFrame({'report_key': t['study_key'].astype(str).str.strip(),
-                           'report_chars': t['report_text'].fillna('').astype(str).str.strip().str.len()})
-    df = df[(df.report_chars > 0) & (df.report_key != '')].groupby('report_key', as_index=False)['report_chars'].max()
-    return pa.Table.from_pandas(df.astype({'report_chars': 'int64'}), preserve_index=False)
+    "`report_key`, `report_chars` and the PHI audit's `report_audit_findings` (rule names) of every non-empty report."
+    df = read_report_texts(reports)
+    text = df['report_text'].fillna('').astype(str).str.strip()
+    keep = (text != '') & (df['study_key'] != '')
+    keys, text = df['study_key'][keep].tolist(), text[keep].tolist()
+    return pa.table({'report_key': keys, 'report_chars': [len(t) for t in text],
+                     'report_audit_findings': [[f'report:{r}' for r in phi_rules(t)] for t in text]}, schema=REPORTS_SCHEMA)
 
-# %% ../../nbs/11_data.index.ipynb #c063
+# %% ../../nbs/11_data.index.ipynb #c066
+PIXEL_SCHEMA = pa.schema([('path', _STR), ('file_size', _I64), ('mtime_ns', _I64), ('text_lines', _STR),
+                          ('pixel_error', _STR), ('_secret_fp', _STR), ('_version', _I64)])
+PIXEL_FINDINGS_SCHEMA = pa.schema([('path', _STR), ('pixel_findings', pa.list_(_STR))])
+
+def _pixel_candidates(con, scans, policy):
+    "(path, size, mtime) of the indexed instances in `scans` the pixel check reads: first, middle, last of each series."
+    if policy.pixel_check == 'none': return []
+    cond = ("TRUE" if policy.pixel_check == 'all' or not policy.trust_burned_in_no else
+            "upper(trim(coalesce(burned_in_annotation, ''))) <> 'NO'")
+    return [tuple(r) for r in con.execute(f"""SELECT path, file_size, mtime_ns FROM (SELECT path, file_size, mtime_ns,
+        row_number() OVER w AS k, count(*) OVER (PARTITION BY series_uid) AS c
+        FROM read_parquet([{', '.join(map(_sql_str, scans))}], union_by_name=true)
+        WHERE reason IS NULL AND {cond} WINDOW w AS (PARTITION BY series_uid ORDER BY instance_number NULLS LAST, path))
+        WHERE k = 1 OR k = c OR k = (c + 1) // 2 ORDER BY path""").fetchall()]
+
+def _pixel_chunk(job):
+    "Worker: run the pixel check on a chunk of files and write the results as one part file, atomically."
+    from rwid_nb.data.burned_in import scan_pixels
+    root, part, files, fp = job
+    recs = []
+    with _quiet_pydicom():
+        for rel, size, mtime in files:
+            r = scan_pixels(os.path.join(root, rel))
+            recs.append(dict(path=rel, file_size=size, mtime_ns=mtime, _secret_fp=fp, _version=INDEX_VERSION,
+                             text_lines=json.dumps([_line_dict(l) for l in r['lines']]), pixel_error=r['error']))
+    with atomic_write(part) as f: pq.write_table(pa.Table.from_pylist(recs, schema=PIXEL_SCHEMA), f)
+    return len(recs)
+
+def _line_dict(l):
+    return l.to_dict() if hasattr(l, 'to_dict') else dict(l)
+
+def _pixel_sources(parts):
+    return sorted(map(str, parts.glob('pixels-*-of-*.parquet'))) + sorted(map(str, parts.glob('pixchunks-*/part-*.parquet')))
+
+def _check_pixels(con, parts, root, cands, name, fp, workers, lock_fd, progress):
+    "Pixel-check `cands` (reusing results already on disk for the same file, secret and version); save as `.parts/<name>`."
+    dest, chunk_dir = parts/f'{name}.parquet', parts/f'pixchunks-{name}'
+    known = set()
+    for src in _pixel_sources(parts):
+        try: d = pq.read_table(src, columns=['path', 'file_size', 'mtime_ns', '_secret_fp', '_version']).to_pydict()
+        except Exception: continue
+        known.update((p, s_, m) for p, s_, m, f, v in zip(d['path'], d['file_size'], d['mtime_ns'], d['_secret_fp'], d['_version'])
+                     if f == fp and v == INDEX_VERSION)
+    todo = [c for c in cands if c not in known]
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    run = uuid.uuid4().hex[:8]
+    jobs = [(str(root), str(chunk_dir/f'part-{run}-{k:06d}.parquet'), todo[s_:s_+64], fp) for k, s_ in enumerate(range(0, len(todo), 64))]
+    _run_jobs(_pixel_chunk, jobs, workers, lock_fd, tqdm(total=len(cands), initial=len(cands) - len(todo), unit='image',
+              desc='checking pixels for burned-in text', disable=not progress or not todo, mininterval=0.5))
+    srcs = _pixel_sources(parts)
+    lst = pa.table({'path': [c[0] for c in cands], 'file_size': [c[1] for c in cands], 'mtime_ns': [c[2] for c in cands]},
+                   schema=pa.schema([('path', _STR), ('file_size', _I64), ('mtime_ns', _I64)]))
+    tmp = dest.with_name(f'.{dest.name}.{uuid.uuid4().hex[:8]}.tmp')
+    con.register('plst', lst)
+    try:
+        if srcs:
+            con.execute(f"""COPY (SELECT * EXCLUDE (k) FROM (SELECT r.*, row_number() OVER (PARTITION BY r.path ORDER BY r.text_lines) AS k
+                FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true) r JOIN plst USING (path, file_size, mtime_ns)
+                WHERE r._secret_fp = {_sql_str(fp)} AND r._version = {INDEX_VERSION}) WHERE k = 1) TO {_sql_str(tmp)} (FORMAT parquet)""")
+        else: pq.write_table(PIXEL_SCHEMA.empty_table(), tmp)
+        os.replace(tmp, dest)
+    finally:
+        con.unregister('plst')
+        with contextlib.suppress(FileNotFoundError): tmp.unlink()
+    shutil.rmtree(chunk_dir, ignore_errors=True)
+    return len(cands)
+
+def _pixel_phase(con, parts, root, i, n, fp, policy, workers, lock_fd, progress):
+    "Shard i's share of the pixel check: its own files' sampled instances, saved as `pixels-<i>-of-<n>`."
+    cands = _pixel_candidates(con, [str(parts/f'scan-{i}-of-{n}.parquet')], policy)
+    return _check_pixels(con, parts, root, cands, f'pixels-{i}-of-{n}', fp, workers, lock_fd, progress)
+
+def _pixel_findings(con, parts, root, n, scans, fp, policy, workers, progress):
+    "`path`, `pixel_findings` of the delivery's sampled instances, with annotation zones learned per device."
+    from rwid_nb.data.burned_in import learn_annotation_zones, flag_text, TextLine
+    if policy.pixel_check == 'none': return None
+    # the sample over the whole delivery; with shards a series' middle image may not have been any shard's: check it now
+    cands = _pixel_candidates(con, scans, policy)
+    _check_pixels(con, parts, root, cands, f'pixels-all-of-{n}', fp, workers, None, progress)
+    rows = con.execute(f"""SELECT p.path, p.text_lines, p.pixel_error, r.manufacturer, r.model, r.rows, r.columns, r.patient_key
+        FROM read_parquet({_sql_str(str(parts/f'pixels-all-of-{n}.parquet'))}) p
+        JOIN read_parquet([{', '.join(map(_sql_str, scans))}], union_by_name=true) r USING (path)
+        WHERE r.reason IS NULL ORDER BY p.path""").fetchall()
+    recs = [(path, (man, model, nr, nc), pk, [TextLine.from_dict(d) for d in json.loads(tl or '[]')], err)
+            for path, tl, err, man, model, nr, nc, pk in rows]
+    zones = learn_annotation_zones((g, pk, lines) for _, g, pk, lines, _ in recs)
+    out = {'path': [], 'pixel_findings': []}
+    for path, g, pk, lines, err in recs:
+        f = ['burned_in_check_failed'] if err else flag_text(lines, zones, g)
+        if f: out['path'].append(path); out['pixel_findings'].append(sorted(f))
+    return pa.table(out, schema=PIXEL_FINDINGS_SCHEMA)
+
+def _run_jobs(fn, jobs, workers, lock_fd, bar):
+    "Run `fn` over `jobs` (in `workers` forked processes unless 1), advancing `bar` by each job's return value."
+    nw = max(1, min(int(workers or os.cpu_count() or 1), len(jobs)))
+    try:
+        if nw == 1:
+            for j in jobs: bar.update(fn(j))
+        else:
+            with ProcessPoolExecutor(nw, mp_context=_pool_context(), initializer=_worker_init, initargs=(lock_fd,)) as ex:
+                futs = [ex.submit(fn, j) for j in jobs]
+                try:
+                    for fu in as_completed(futs): bar.update(fu.result())
+                except BaseException:
+                    for fu in futs: fu.cancel()
+                    raise
+    finally: bar.close()
+
+def _audit_accounting(con, n):
+    "Counts of instances and studies by audit status, and of studies by finding (names only)."
+    isql, _ = _table_sql('instances', n)
+    return dict(instances=dict(con.execute(f"SELECT audit_status, count(*) FROM ({isql}) GROUP BY 1 ORDER BY 1").fetchall()),
+                studies=dict(con.execute("SELECT audit_status, count(*) FROM studies_t GROUP BY 1 ORDER BY 1").fetchall()),
+                study_findings=dict(con.execute("""SELECT f, count(*) AS c FROM (SELECT unnest(audit_findings) AS f FROM studies_t)
+                                                 GROUP BY f ORDER BY c DESC, f""").fetchall()),
+                reports_flagged=con.execute("SELECT count(*) FROM links2 WHERE len(report_audit_findings) > 0").fetchone()[0])
+
+# %% ../../nbs/11_data.index.ipynb #c068
 @contextlib.contextmanager
 def _locked(path, what, wait_s=30.0):
     "An exclusive advisory lock on `path`, released on exit or when the process dies; yields its file descriptor."
@@ -914,7 +1085,7 @@ def _compact(con, parts, i, n, listing, fp):
         with contextlib.suppress(FileNotFoundError): tmp.unlink()
     shutil.rmtree(parts/f'chunks-{i}-of-{n}', ignore_errors=True)
 
-# %% ../../nbs/11_data.index.ipynb #c064
+# %% ../../nbs/11_data.index.ipynb #c069
 def _shard_accounting(con, scan):
     "Accounting of one shard's scan file alone, before duplicates across shards are known."
     src = f"read_parquet({_sql_str(scan)})"
@@ -927,15 +1098,20 @@ def _cleanup_other_shardings(parts, n):
         if not f.name.endswith(f'-of-{n}.parquet'): f.unlink()
     for d in parts.glob('chunks-*-of-*'):
         if not d.name.endswith(f'-of-{n}'): shutil.rmtree(d, ignore_errors=True)
+    for f in parts.glob('pixels-*-of-*.parquet'):
+        if not f.name.endswith(f'-of-{n}.parquet'): f.unlink()
+
+DUCKDB_MEMORY_LIMIT = '256MB'  # DuckDB's working set while it builds the manifests; beyond it, it spills to disk
 
 def _connect(parts):
-    "DuckDB for the manifests: spills to `.parts/duckdb-tmp` (not the current folder), keeps no order it is not asked for."
-    return duckdb.connect(config={'temp_directory': str(parts/'duckdb-tmp'), 'preserve_insertion_order': False})
+    "DuckDB for the manifests: bounded memory, spills to `.parts/duckdb-tmp`, keeps no order it is not asked for."
+    return duckdb.connect(config={'temp_directory': str(parts/'duckdb-tmp'), 'preserve_insertion_order': False,
+                                  'memory_limit': DUCKDB_MEMORY_LIMIT})
 
 def _pool_context():
     return mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else mp.get_context()
 
-# %% ../../nbs/11_data.index.ipynb #c065
+# %% ../../nbs/11_data.index.ipynb #c070
 def index_dicom(root:Path|str,          # the delivery folder: every file under it is accounted for
                 out:Path|str,           # the manifest folder (created if missing)
                 workers:int|None=None,  # scanning processes (default: all cores; 1 = in this process)
@@ -944,8 +1120,9 @@ def index_dicom(root:Path|str,          # the delivery folder: every file under 
                 secret:bytes|None=None, # key for patient/date/institution tokens (default `workspace_secret()`)
                 progress:bool=True,     # progress bar over files, and print the accounting at the end
                 chunk_size:int=512,     # files per part file (the unit of restart)
+                policy:AuditPolicy|None=None, # the PHI audit's policy (default `AuditPolicy()`: cautious)
                ) -> dict:
-    "Index the DICOM files under `root` into manifests in `out`; incremental and restartable. Returns the accounting."
+    "Index and audit the DICOM files under `root` into manifests in `out`; incremental and restartable. Returns the accounting."
     t0 = time.perf_counter()
     root = Path(root).expanduser().resolve()
     if not root.is_dir(): raise FileNotFoundError(f"delivery folder {root} does not exist or is not a folder")
@@ -956,7 +1133,8 @@ def index_dicom(root:Path|str,          # the delivery folder: every file under 
     rep = read_reports(reports) if reports is not None else None  # fail on a bad reports table before scanning
     parts = out/'.parts'; chunk_dir = parts/f'chunks-{i}-of-{n}'
     chunk_dir.mkdir(parents=True, exist_ok=True)
-    fp, walk = _secret_fingerprint(secret), {}
+    policy = policy or AuditPolicy()
+    fp, walk = _secret_fingerprint(secret, policy), {}
     with _locked(parts/f'.lock-{i}-of-{n}', f'shard {i}/{n} of {out}') as lock_fd:
         for f in chunk_dir.glob('.*.tmp'): f.unlink(missing_ok=True)  # leftovers of a killed run
         listing = [x for x in list_files(root, exclude=out, stats=walk) if n == 1 or path_hash(x[0]) % n == i]
@@ -964,36 +1142,25 @@ def index_dicom(root:Path|str,          # the delivery folder: every file under 
         todo = [x for x in listing if x not in known]
         del known
         cs = int(chunk_size); run = uuid.uuid4().hex[:8]
-        jobs = [(str(root), str(chunk_dir/f'part-{run}-{k:06d}.parquet'), todo[s:s+cs], secret)
+        jobs = [(str(root), str(chunk_dir/f'part-{run}-{k:06d}.parquet'), todo[s:s+cs], secret, policy)
                 for k, s in enumerate(range(0, len(todo), cs))]
-        nw = max(1, min(int(workers or os.cpu_count() or 1), len(jobs)))
         pa.array([''])  # pyarrow imports pandas on first use: once here, inherited by forked workers
-        bar = tqdm(total=len(listing), initial=len(listing) - len(todo), desc=f'indexing {root.name}' + (f' [{i}/{n}]' if n > 1 else ''),
-                   unit='file', disable=not progress, mininterval=0.5)
-        try:
-            if nw == 1:
-                for j in jobs: bar.update(_scan_chunk(j))
-            else:
-                with ProcessPoolExecutor(nw, mp_context=_pool_context(), initializer=_worker_init, initargs=(lock_fd,)) as ex:
-                    futs = [ex.submit(_scan_chunk, j) for j in jobs]
-                    try:
-                        for fu in as_completed(futs): bar.update(fu.result())
-                    except BaseException:
-                        for fu in futs: fu.cancel()
-                        raise
-        finally: bar.close()
+        _run_jobs(_scan_chunk, jobs, workers, lock_fd,
+                  tqdm(total=len(listing), initial=len(listing) - len(todo), desc=f'indexing {root.name}' + (f' [{i}/{n}]' if n > 1 else ''),
+                       unit='file', disable=not progress, mininterval=0.5))
         con = _connect(parts)
         _compact(con, parts, i, n, listing, fp)
+        n_pix = _pixel_phase(con, parts, root, i, n, fp, policy, workers, lock_fd, progress)
     res = dict(root=str(root), out=str(out), shard=f'{i}/{n}' if n > 1 else None, shard_files=len(listing),
                scanned=len(todo), reused=len(listing) - len(todo), link_cycles_skipped=walk.get('link_cycles', 0),
-               unreadable_folders=walk.get('unreadable_folders', 0))
+               unreadable_folders=walk.get('unreadable_folders', 0), pixel_checked=n_pix)
     try:
         waiting = [j for j in range(n) if not (parts/f'scan-{j}-of-{n}.parquet').exists()]
         if waiting:
             res.update(_shard_accounting(con, str(parts/f'scan-{i}-of-{n}.parquet')), manifests_written=False, waiting_for_shards=waiting)
         else:
             with _locked(parts/'.lock-manifests', f'the manifests of {out}'):
-                acc = _write_manifests(con, out, i, n, rep)
+                acc = _write_manifests(con, out, i, n, rep, policy, root, fp, workers, progress)
                 _cleanup_other_shardings(parts, n)
                 res.update(acc, manifests_written=True, waiting_for_shards=[])
                 res['elapsed_s'] = round(time.perf_counter() - t0, 3)
@@ -1006,7 +1173,7 @@ def index_dicom(root:Path|str,          # the delivery folder: every file under 
     if progress: print(format_accounting(res))
     return res
 
-# %% ../../nbs/11_data.index.ipynb #c067
+# %% ../../nbs/11_data.index.ipynb #c072
 def format_accounting(res:dict, # from `index_dicom`
                      ) -> str:
     "The accounting of an indexing run as a small text table whose counts add up."
@@ -1018,11 +1185,17 @@ def format_accounting(res:dict, # from `index_dicom`
     if res.get('manifests_written'):
         lines += [w(k, res[k]) for k in ('studies', 'series', 'patients')]
         lines += [w('reports linked', res['reports_linked']), w('report keys unmatched', res['reports_unmatched'])]
+        if (a := res.get('audit')):
+            st = lambda d: ', '.join(f"{d.get(k, 0):,} {k}" for k in AUDIT_STATUSES)
+            lines += [f"PHI audit: studies {st(a['studies'])}", f"           instances {st(a['instances'])}"]
+            top = list(a['study_findings'].items())[:8]
+            if top: lines.append('  studies by finding: ' + ', '.join(f'{k} {v:,}' for k, v in top) +
+                                 (f" (+{len(a['study_findings']) - 8} more)" if len(a['study_findings']) > 8 else ''))
     else: lines.append(f"manifests wait for shard(s) {', '.join(map(str, res.get('waiting_for_shards', [])))}")
     lines.append(f"scanned {res['scanned']:,} new or changed files, reused {res['reused']:,}; {res['elapsed_s']:.1f} s")
     return '\n'.join(lines)
 
-# %% ../../nbs/11_data.index.ipynb #c068
+# %% ../../nbs/11_data.index.ipynb #c073
 def query(out:Path|str, # a manifest folder written by `index_dicom`
           sql:str,      # DuckDB SQL over the views instances, series, studies, quarantine, report_links
          ):
@@ -1038,3 +1211,47 @@ def query(out:Path|str, # a manifest folder written by `index_dicom`
         if not found: raise FileNotFoundError(f"no manifests in {out}: run index_dicom first")
         return con.execute(sql).df()
     finally: con.close()
+
+# %% ../../nbs/11_data.index.ipynb #c075
+AUDIT_COLUMNS = ['path', 'site_id', 'patient_key', 'study_key', 'series_uid', 'instance_uid', 'modality', 'audit_status', 'audit_findings']
+
+def audit_dicom(root:Path|str,              # the delivery folder
+                out:Path|str,               # where audit.parquet, audit_studies.parquet and audit.json go
+                workers:int|None=None,      # processes (default: all cores)
+                reports:Path|str|None=None, # reports table or folder, audited too
+                policy:AuditPolicy|None=None, # what the audit requires and trusts
+                secret:bytes|None=None,     # key for patient tokens (default `workspace_secret()`)
+                progress:bool=True,         # progress bars and the summary
+               ) -> dict:
+    "The PHI audit of every file under `root` (and of the reports), without manifests; returns the summary."
+    out = check_writable_dir(out, 'audit folder')
+    res = index_dicom(root, out/'.index', workers=workers, reports=reports, secret=secret, progress=progress, policy=policy)
+    idx = out/'.index'
+    con = duckdb.connect()
+    try:
+        g = lambda t: f"read_parquet({_sql_str(str(idx/f'{t}*.parquet'))})"
+        con.execute(f"""COPY (SELECT {', '.join(AUDIT_COLUMNS)} FROM {g('instances')} UNION ALL
+            SELECT path, site_id, NULL, NULL, NULL, NULL, modality, 'quarantined', ['unreadable:' || reason] FROM {g('quarantine')}
+            ORDER BY path) TO {_sql_str(str(out/'.audit.parquet.tmp'))} (FORMAT parquet)""")
+        os.replace(out/'.audit.parquet.tmp', out/'audit.parquet')
+        con.execute(f"""COPY (SELECT study_key, site_id, patient_key, modality, n_instances, report_available, audit_status,
+            audit_findings, report_audit_findings FROM {g('studies')} ORDER BY study_key) TO {_sql_str(str(out/'.audit_studies.parquet.tmp'))}
+            (FORMAT parquet)""")
+        os.replace(out/'.audit_studies.parquet.tmp', out/'audit_studies.parquet')
+        files = dict(con.execute(f"SELECT audit_status, count(*) FROM read_parquet({_sql_str(str(out/'audit.parquet'))}) GROUP BY 1").fetchall())
+    finally: con.close()
+    summary = dict(files_seen=res['files_seen'], files=files, **res['audit'])
+    with atomic_write(out/'audit.json', 'w') as f: json.dump(summary, f, indent=1)
+    if progress: print(format_audit(summary))
+    return summary
+
+def format_audit(summary:dict, # from `audit_dicom`
+                ) -> str:
+    "The audit summary as text: files, instances and studies by status, studies by finding (names and counts only)."
+    st = lambda d: ', '.join(f"{d.get(k, 0):,} {k}" for k in AUDIT_STATUSES)
+    lines = [f"PHI audit of {summary['files_seen']:,} files", f"  files      {st(summary['files'])}",
+             f"  studies    {st(summary['studies'])}", f"  reports flagged: {summary['reports_flagged']:,}"]
+    if summary['study_findings']:
+        lines.append('  studies by finding:')
+        lines += [f"    {k:<44}{v:>8,}" for k, v in list(summary['study_findings'].items())[:20]]
+    return '\n'.join(lines)

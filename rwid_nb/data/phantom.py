@@ -29,9 +29,9 @@ from .phantom_reports import write_report, indication_for, fake_identity, inject
 # %% auto #0
 __all__ = ['TS', 'SOP_CLASS', 'BODY_PART', 'SITES', 'DEID_OPTIONS', 'IMPLEMENTATION_UID', 'PHI_KINDS', 'REPORT_PHI_KINDS',
            'PRIVATE_CREATOR', 'CORRUPTION_KINDS', 'ALL_FINDINGS', 'Site', 'sites_table', 'StudyPlan', 'plan_cohort',
-           'phantom_uid', 'base_header', 'text_mask', 'radiograph_stored_values', 'write_instance', 'plan_phi',
-           'apply_header_phi', 'corrupt_file', 'render_study', 'generate_cohort', 'read_cohort_summary',
-           'format_summary', 'cohort_digest']
+           'phantom_uid', 'base_header', 'text_mask', 'radiograph_stored_values', 'write_instance', 'cxr_view',
+           'plan_phi', 'apply_header_phi', 'corrupt_file', 'study_report', 'render_study', 'generate_cohort',
+           'phantom_reports', 'read_cohort_summary', 'format_summary', 'cohort_digest']
 
 # %% ../../nbs/14_data.phantom.ipynb #c006
 TS = {'explicit': dcm_uid.ExplicitVRLittleEndian, 'implicit': dcm_uid.ImplicitVRLittleEndian,
@@ -247,6 +247,7 @@ def _date_add(yyyymmdd, days):
 # %% ../../nbs/14_data.phantom.ipynb #c018
 DEID_OPTIONS = [('113100', 'Basic Application Confidentiality Profile'),
                 ('113101', 'Clean Pixel Data Option'),
+                ('113105', 'Clean Descriptors Option'),
                 ('113107', 'Retain Longitudinal Temporal Information Modified Dates Option'),
                 ('113108', 'Retain Patient Characteristics Option'),
                 ('113109', 'Retain Device Identity Option'),
@@ -404,10 +405,16 @@ def _file_name(site, n, sop_uid):
 def _ds_values(x): return [f"{v:g}" for v in x]
 
 # %% ../../nbs/14_data.phantom.ipynb #c032
+def cxr_view(plan:StudyPlan, # a CR or DX study
+             site:Site,      # its site
+            ) -> str:
+    "'AP' or 'PA': the site's share of portable films, more with support devices; from the study's own 'view' stream."
+    ap = site.cxr['ap_share'] + (0.35 if 'support_devices' in plan.findings else 0)
+    return 'AP' if np.random.default_rng(stable_seed(plan.seed, 'view')).random() < ap else 'PA'
+
 def _radiograph(plan, site, rng, ds, out, phi):
     prof = site.cxr
-    ap = rng.random() < (prof['ap_share'] + (0.35 if 'support_devices' in plan.findings else 0))
-    view = 'AP' if ap else 'PA'
+    view = cxr_view(plan, site)  # its own stream: the report, which names the view, can be written without pixels
     rows, cols, sp = prof['rows'], prof['cols'], prof['spacing']
     att = draw_chest_radiograph(rng, plan.findings, _patient(plan), rows, cols, sp, view)
     stored = radiograph_stored_values(att, prof, rng)
@@ -675,6 +682,28 @@ _RENDER = {'CR': _radiograph, 'DX': _radiograph, 'CT': _ct, 'MR': _mr, 'US': _us
 def _fraction_hit(frac, *parts):
     return frac > 0 and stable_seed(*parts) / 2**63 < frac
 
+def _identity_and_phi(plan, inject_phi):
+    identity = fake_identity(np.random.default_rng(stable_seed(plan.seed, 'identity')))
+    return identity, plan_phi(np.random.default_rng(stable_seed(plan.seed, 'phi')), identity) if inject_phi else {}
+
+def study_report(plan:StudyPlan, # from `plan_cohort`
+                 site:Site,       # its site
+                 phi:dict,        # from `plan_phi` ({} for a clean study)
+                 identity:dict,   # from `fake_identity`
+                ) -> dict:
+    "One study's report: text, what it says of each finding, the radiologist, and the report PHI injected. No pixels."
+    rng = np.random.default_rng(stable_seed(plan.seed, 'report'))
+    radiologist = int(rng.integers(3))
+    indication = indication_for(rng, plan.modality, plan.findings)
+    view = cxr_view(plan, site) if plan.modality in ('CR', 'DX') else None
+    text, mentions = write_report(rng, plan.modality, plan.findings, site.report_style, radiologist, indication,
+                                  comparison=plan.study_index > 0, view=view)
+    rows = []
+    if 'report' in phi:
+        text, ins = inject_report_phi(rng, text, identity, phi['report'])
+        rows = [dict(study_key=plan.study_key, kind='report', location=k, value=v) for k, v in ins]
+    return dict(text=text, mentions=mentions, radiologist=radiologist, phi_rows=rows)
+
 def render_study(plan:StudyPlan,     # from `plan_cohort`
                  site:Site,           # the study's site
                  root:Path,           # cohort folder (files go under `root/dicom/`)
@@ -684,25 +713,19 @@ def render_study(plan:StudyPlan,     # from `plan_cohort`
                 ) -> dict:
     "Write one study's DICOM files and return its ground-truth row, report and injection records."
     rng = np.random.default_rng(plan.seed)
-    identity = fake_identity(np.random.default_rng(stable_seed(plan.seed, 'identity')))
-    phi = plan_phi(np.random.default_rng(stable_seed(plan.seed, 'phi')), identity) if inject_phi else {}
+    identity, phi = _identity_and_phi(plan, inject_phi)
     ds = base_header(plan, site, cohort_seed)
     apply_header_phi(ds, phi)
     study_dir = root/'dicom'/site.site_id/plan.patient_key/plan.study_key
     files, info = _RENDER[plan.modality](plan, site, rng, ds, study_dir, phi)
-    rep_rng = np.random.default_rng(stable_seed(plan.seed, 'report'))
-    radiologist = int(rep_rng.integers(3))
-    indication = indication_for(rep_rng, plan.modality, plan.findings)
-    text, mentions = write_report(rep_rng, plan.modality, plan.findings, site.report_style, radiologist,
-                                  indication, comparison=plan.study_index > 0, view=info['view'] or None)
+    rep = study_report(plan, site, phi, identity)
+    text, mentions, radiologist = rep['text'], rep['mentions'], rep['radiologist']
     phi_rows = [dict(study_key=plan.study_key, kind=k, location=loc, value=v)
                 for k in ('header', 'sequence', 'private') for loc, v in phi.get(k, [])]
     if 'pixel' in phi:
         phi_rows += [dict(study_key=plan.study_key, kind='pixel', location='burned_in_text', value=v)
                      for v in (identity['dicom_name'].replace('^', ' '), identity['mrn'])]
-    if 'report' in phi:
-        text, ins = inject_report_phi(rep_rng, text, identity, phi['report'])
-        phi_rows += [dict(study_key=plan.study_key, kind='report', location=k, value=v) for k, v in ins]
+    phi_rows += rep['phi_rows']
     bad = []
     for f in files:
         rel = f.relative_to(root).as_posix()
@@ -730,6 +753,22 @@ def render_study(plan:StudyPlan,     # from `plan_cohort`
     return dict(row=row, report=dict(study_key=plan.study_key, report_text=text), phi=phi_rows, corrupt=bad)
 
 # %% ../../nbs/14_data.phantom.ipynb #c051
+def _plan_with_leaks(n_studies, seed, inject_phi, sites, modalities):
+    "(chosen sites, study plans, indices of the studies that leak PHI), with the arguments checked."
+    if not 0 <= inject_phi <= 1: raise ValueError(f"inject_phi must be a fraction between 0 and 1, got {inject_phi}")
+    if sites:
+        unknown = sorted(set(sites) - set(SITES))
+        if unknown: raise ValueError(f"unknown site ids {unknown}; known: {sorted(SITES)}")
+    if modalities:
+        modalities = tuple(m.upper() for m in modalities)
+        unknown = sorted(set(modalities) - set(_RENDER))
+        if unknown: raise ValueError(f"unknown modalities {unknown}; known: {sorted(_RENDER)}")
+    chosen = {k: v for k, v in SITES.items() if not sites or k in sites}
+    plans = plan_cohort(n_studies, seed, chosen, modalities)
+    prng = np.random.default_rng(stable_seed(seed, 'phi-studies'))
+    leak = set(prng.choice(len(plans), size=int(round(inject_phi*len(plans))), replace=False).tolist())
+    return chosen, plans, leak
+
 def _render_job(job):
     plan, site, root, seed, phi, corrupt = job
     return render_study(plan, site, Path(root), seed, phi, corrupt)
@@ -750,19 +789,8 @@ def generate_cohort(out:Path|str,          # cohort folder to create
                    ) -> dict:
     "Generate a phantom cohort under `out`: `dicom/`, `reports.csv`, `ground_truth.csv`, injection and site tables."
     import pandas as pd
-    for name, frac in (('inject_phi', inject_phi), ('corrupt', corrupt)):
-        if not 0 <= frac <= 1: raise ValueError(f"{name} must be a fraction between 0 and 1, got {frac}")
-    if sites:
-        unknown = sorted(set(sites) - set(SITES))
-        if unknown: raise ValueError(f"unknown site ids {unknown}; known: {sorted(SITES)}")
-    if modalities:
-        modalities = tuple(m.upper() for m in modalities)
-        unknown = sorted(set(modalities) - set(_RENDER))
-        if unknown: raise ValueError(f"unknown modalities {unknown}; known: {sorted(_RENDER)}")
-    chosen = {k: v for k, v in SITES.items() if not sites or k in sites}
-    plans = plan_cohort(n_studies, seed, chosen, modalities)
-    prng = np.random.default_rng(stable_seed(seed, 'phi-studies'))
-    leak = set(prng.choice(len(plans), size=int(round(inject_phi*len(plans))), replace=False).tolist())
+    if not 0 <= corrupt <= 1: raise ValueError(f"corrupt must be a fraction between 0 and 1, got {corrupt}")
+    chosen, plans, leak = _plan_with_leaks(n_studies, seed, inject_phi, sites, modalities)
     workers = max(1, min(workers or os.cpu_count() or 1, len(plans)))
     with staged_dir(out, overwrite=overwrite) as stage:
         jobs = [(p, chosen[p.site_id], str(stage), seed, i in leak, corrupt) for i, p in enumerate(plans)]
@@ -790,6 +818,30 @@ def generate_cohort(out:Path|str,          # cohort folder to create
     return dict(summary, out=str(Path(out).resolve()))
 
 # %% ../../nbs/14_data.phantom.ipynb #c053
+def phantom_reports(n_studies:int=200,      # as `generate_cohort`
+                    seed:int=0,             # as `generate_cohort`
+                    inject_phi:float=0.0,   # as `generate_cohort`
+                    sites:list|None=None,   # as `generate_cohort`
+                    modalities:list|None=None, # as `generate_cohort`
+                   ) -> dict:
+    "The reports, their per-finding truth and the PHI answer key `generate_cohort` writes with these arguments, without pixels."
+    import pandas as pd
+    chosen, plans, leak = _plan_with_leaks(n_studies, seed, inject_phi, sites, modalities)
+    reports, truth, inj = [], [], []
+    for i, p in enumerate(plans):
+        identity, phi = _identity_and_phi(p, i in leak)
+        r = study_report(p, chosen[p.site_id], phi, identity)
+        reports.append(dict(study_key=p.study_key, report_text=r['text']))
+        applicable = set(FINDINGS[p.modality])
+        truth.append(dict(study_key=p.study_key, site_id=p.site_id, modality=p.modality,
+                          report_style=chosen[p.site_id].report_style, radiologist=r['radiologist'],
+                          **{f'report_{f}': r['mentions'].get(f) if (f in applicable or f == 'no_finding') else None
+                             for f in ALL_FINDINGS + ('no_finding',)}, phi_kinds=';'.join(k for k in PHI_KINDS if k in phi)))
+        inj += r['phi_rows']
+    return dict(reports=pd.DataFrame(reports), truth=pd.DataFrame(truth),
+                report_phi=pd.DataFrame(inj, columns=['study_key', 'kind', 'location', 'value']))
+
+# %% ../../nbs/14_data.phantom.ipynb #c056
 def read_cohort_summary(root:Path|str, # a cohort folder
                        ) -> dict|None:
     "The `cohort.json` of a complete cohort at `root`, or None if there is none."
@@ -812,7 +864,7 @@ def format_summary(res:dict, # from `generate_cohort` or `read_cohort_summary`
                   f"  ground truth: {o}/ground_truth.csv (injections: phi_injections.csv, corruptions.csv)"]
     return '\n'.join(lines)
 
-# %% ../../nbs/14_data.phantom.ipynb #c058
+# %% ../../nbs/14_data.phantom.ipynb #c061
 def cohort_digest(root:Path|str, # a cohort folder
                  ) -> str:
     "SHA-256 over every file's relative path and bytes: equal digests mean byte-identical cohorts."
