@@ -71,7 +71,12 @@ def cmd_release(args):
 def cmd_label(args):
     "Label reports: sections and one column per observation (1, 0, -1 or empty)."
     from rwid_nb.data.reports import write_labels
-    df = write_labels(args.reports, args.out, vocabulary=args.vocabulary)
+    mods = None
+    if args.index is not None:
+        from rwid_nb.data.index import query
+        m = query(args.index, 'select study_key, modality from studies')
+        mods = dict(zip(m.study_key, m.modality))
+    df = write_labels(args.reports, args.out, vocabulary=args.vocabulary, progress=not args.quiet, modalities=mods)
     obs = [c for c in df.columns if str(df[c].dtype) == 'Int8']
     counts = {c: (int((df[c] == 1).sum()), int((df[c] == -1).sum()), int((df[c] == 0).sum())) for c in obs}
     print(f"labelled {len(df):,} reports -> {args.out}")
@@ -148,7 +153,8 @@ def _demo_index(s, cohort_dir, args):
                              from studies group by site_id order by site_id""")
     print("\nper site:"); print(per_site.to_string(index=False))
     from rwid_nb.data.reports import write_labels
-    labels = write_labels(cohort_dir/'reports.csv', idx/'labels.parquet')
+    mods = query(idx, 'select study_key, modality from studies')
+    labels = write_labels(cohort_dir/'reports.csv', idx/'labels.parquet', modalities=dict(zip(mods.study_key, mods.modality)))
     obs = [c for c in labels.columns if str(labels[c].dtype) == 'Int8' and labels[c].notna().any()]
     print(f"\nlabelled {len(labels)} reports -> {idx/'labels.parquet'} (positive / uncertain / negative per observation):")
     print('  ' + ', '.join(f"{c} {int((labels[c] == 1).sum())}/{int((labels[c] == -1).sum())}/{int((labels[c] == 0).sum())}" for c in obs))
@@ -228,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument('reports', type=Path, help='reports table (CSV/JSONL/Parquet: study_key, report_text) or folder of <study_key>.txt')
     lb.add_argument('--out', type=Path, required=True, help='labels table (.csv, .parquet or .jsonl)')
     lb.add_argument('--vocabulary', type=Path, default=None, help='observation vocabulary (TOML; default: the built-in one)')
+    lb.add_argument('--index', type=Path, default=None, help="manifest folder whose studies' modality restricts each report's observations")
+    lb.add_argument('--quiet', action='store_true', help='no progress bar')
     lb.set_defaults(func=cmd_label)
     co = sub.add_parser('cohort', help='select and split studies by a cohort definition in data_manifests/')
     co.add_argument('definition', type=Path, help='cohort definition, e.g. data_manifests/phantom_default.v1.toml')

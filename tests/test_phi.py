@@ -170,3 +170,15 @@ def test_rwid_label_writes_observations_and_sections(cohort, tmp_path):
     vals = set(pd.concat([lab[c] for c in ('cardiomegaly', 'pleural_effusion', 'gallstones')]).dropna().astype(int))
     assert vals <= {-1, 0, 1} and {0, 1} <= vals
     assert lab.study_key.is_unique and len(lab) == len(pd.read_csv(cohort/'reports.csv'))
+
+
+def test_rwid_label_with_index_modalities(cohort, audited, tmp_path):
+    "With --index, each report is labelled only for its study's modality: no chest observations on a brain MR."
+    out = tmp_path/'labels.parquet'
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(['label', str(cohort/'reports.csv'), '--out', str(out), '--index', str(audited['out']), '--quiet']) == 0
+    lab = pd.read_parquet(out).set_index('study_key')
+    mod = audited['studies'].modality
+    mr = lab.index[lab.index.isin(mod.index[mod == 'MR'])]
+    assert len(mr) > 5 and lab.loc[mr, ['cardiomegaly', 'pleural_effusion', 'gallstones']].isna().all().all()
+    assert lab.loc[mr, ['brain_mass', 'white_matter_lesions']].notna().any().any()

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/11_data.index.ipynb #c003
 from __future__ import annotations
-import io, os, re, json, stat, time, uuid, hmac, shutil, struct, hashlib, logging, warnings, contextlib, datetime, dataclasses
+import io, os, re, json, math, stat, time, uuid, hmac, shutil, struct, hashlib, logging, warnings, contextlib, datetime, dataclasses
 from pathlib import Path
 from functools import lru_cache
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -160,7 +160,7 @@ def _nums(ds, kw, n):
     if len(vals) != n: return None
     try: xs = [float(x) for x in vals]
     except (TypeError, ValueError): return None
-    return xs if all(x == x and abs(x) != float('inf') for x in xs) else None
+    return xs if all(map(math.isfinite, xs)) else None
 
 def _item(ds, kw):
     "First item of sequence `kw`, or None."
@@ -323,7 +323,7 @@ def read_attributes(ds:pydicom.Dataset, # a data set as read (values not yet con
                 parts = v.split(b'\\')
                 try: xs = [float(x) for x in (parts if kind[1:] else parts[:1])] if v.strip(_WS) else []
                 except ValueError: xs = None
-                if xs is not None and all(x == x and abs(x) != float('inf') for x in xs):
+                if xs is not None and all(map(math.isfinite, xs)):
                     if kind == 'f': out[kw] = xs[0] if xs else None
                     elif kind == 'i': out[kw] = int(xs[0]) if xs and xs[0] == int(xs[0]) else None
                     else: out[kw] = xs if len(xs) == int(kind[1:]) else None
@@ -585,6 +585,17 @@ def _header_cut(ds, size):
 HEAD_BYTES = 16384  # one read that holds the whole header of most files
 _DEFLATED = str(dcm_uid.DeflatedExplicitVRLittleEndian).encode()
 
+class _HeadReader:
+    "`seek`/`read`/`tell` over a file whose first bytes are already in memory: reads inside them cost no system call."
+    __slots__ = ('fp', 'head', 'pos')
+    def __init__(self, fp, head): self.fp, self.head, self.pos = fp, head, 0
+    def seek(self, pos, whence=0): self.pos = pos if whence == 0 else self.fp.seek(pos, whence); return self.pos
+    def tell(self): return self.pos
+    def read(self, n=-1):
+        p, e = self.pos, self.pos + n
+        if 0 <= n and e <= len(self.head): self.pos = e; return self.head[p:e]
+        self.fp.seek(p); b = self.fp.read(n); self.pos = p + len(b); return b
+
 def _read_head(head, size, force):
     "(data set, pixel data offset) parsed from the file's first bytes, or (None, None) if the whole file must be read."
     if _DEFLATED in head[:1024]: return None, None  # deflated: pydicom inflates the rest of the file
@@ -618,6 +629,7 @@ def _scan(path, rel, secret, policy):
                 return dict(rec, reason='unreadable_header', detail=f'pydicom cannot parse the header ({type(e).__name__})')
             pos = fp.tell()
         implicit, little = ds.original_encoding
+        fp = _HeadReader(fp, head)  # the pixel data checks below start inside the first read
         hdr = _element_header(fp, pos, implicit, little) if pos < size else None
         cut = hdr is None and _header_cut(ds, size)  # before anything converts the raw elements it reads
         rec.update(header_fields(ds, rel, secret))
@@ -1101,12 +1113,13 @@ def _cleanup_other_shardings(parts, n):
     for f in parts.glob('pixels-*-of-*.parquet'):
         if not f.name.endswith(f'-of-{n}.parquet'): f.unlink()
 
-DUCKDB_MEMORY_LIMIT = '256MB'  # DuckDB's working set while it builds the manifests; beyond it, it spills to disk
+DUCKDB_MEMORY_LIMIT = None  # e.g. '2GB'; None: DuckDB's default (80% of RAM), spilling to `.parts/duckdb-tmp` beyond it
 
 def _connect(parts):
-    "DuckDB for the manifests: bounded memory, spills to `.parts/duckdb-tmp`, keeps no order it is not asked for."
-    return duckdb.connect(config={'temp_directory': str(parts/'duckdb-tmp'), 'preserve_insertion_order': False,
-                                  'memory_limit': DUCKDB_MEMORY_LIMIT})
+    "DuckDB for the manifests: spills to `.parts/duckdb-tmp` (not the current folder), keeps no order it is not asked for."
+    cfg = {'temp_directory': str(parts/'duckdb-tmp'), 'preserve_insertion_order': False}
+    if DUCKDB_MEMORY_LIMIT: cfg['memory_limit'] = DUCKDB_MEMORY_LIMIT
+    return duckdb.connect(config=cfg)
 
 def _pool_context():
     return mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else mp.get_context()

@@ -269,12 +269,11 @@ def _classify(tag, e):
 
 def _audit_items(ds, opts, policy, prefix, out, depth=0):
     "Rules 1-4 over the elements of one data set (recursing into sequences), appending findings to `out`."
-    verdict, cls = _verdicts(opts), _CLASS
-    for tag, e in ds._dict.items():
+    verdict, cls, store = _verdicts(opts), _CLASS, ds._dict
+    for tag, e in zip(map(int, store), store.values()):  # plain ints: a pydicom tag compares in Python, an int in C
         c = cls.get(tag)
-        if c is None: c = _classify(int(tag), e)
+        if c is None: c = _classify(tag, e)
         if not c: continue
-        tag = int(tag)
         if c == 'table':
             v = verdict[tag]
             if not v: continue

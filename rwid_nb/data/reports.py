@@ -789,11 +789,14 @@ def write_labels(src:Path|str,         # reports: a table or a folder of <study_
                  out:Path|str,         # labels table to write: .csv, .csv.gz, .parquet or .jsonl
                  vocabulary=None,      # None (default vocabulary), a dict from `load_vocabulary`, or a TOML path
                  progress:bool=False,  # show a progress bar
+                 modalities:dict|None=None, # study_key -> modality (e.g. from an index), for reports tables without one
                 ) -> pd.DataFrame:
     "Read reports, label them, write the labels table atomically by the suffix of `out`, and return it."
     out = Path(out).expanduser()
     fmt = _label_format(out)
-    table = label_reports(read_report_texts(src), vocabulary, progress=progress)
+    reports = read_report_texts(src)
+    if modalities is not None and 'modality' not in reports.columns: reports['modality'] = reports['study_key'].map(modalities)
+    table = label_reports(reports, vocabulary, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == '.parquet':
         with atomic_write(out, 'wb') as f: table.to_parquet(f, index=False)
