@@ -195,6 +195,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'rwid_nb.data.index._build_tables': ('data.index.html#_build_tables', 'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._check_deflated': ('data.index.html#_check_deflated', 'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._check_pixels': ('data.index.html#_check_pixels', 'rwid_nb/data/index.py'),
+                                    'rwid_nb.data.index._chunks': ('data.index.html#_chunks', 'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._cleanup_other_shardings': ( 'data.index.html#_cleanup_other_shardings',
                                                                                      'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._compact': ('data.index.html#_compact', 'rwid_nb/data/index.py'),

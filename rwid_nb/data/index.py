@@ -1024,6 +1024,15 @@ def _pixel_findings(con, parts, root, n, scans, fp, policy, workers, progress):
         if f: out['path'].append(path); out['pixel_findings'].append(sorted(f))
     return pa.table(out, schema=PIXEL_FINDINGS_SCHEMA)
 
+def _chunks(todo, size, workers):
+    "`todo` in chunks of `size` files, the last ones smaller so that no worker waits long for the others at the end."
+    nw, out, i = max(1, int(workers or os.cpu_count() or 1)), [], 0
+    while i < len(todo):
+        left = len(todo) - i
+        k = size if left > 2 * nw * size else max(16, min(size, -(-left // (2 * nw))))
+        out.append(todo[i:i + k]); i += k
+    return out
+
 def _run_jobs(fn, jobs, workers, lock_fd, bar):
     "Run `fn` over `jobs` (in `workers` forked processes unless 1), advancing `bar` by each job's return value."
     nw = max(1, min(int(workers or os.cpu_count() or 1), len(jobs)))
@@ -1072,10 +1081,21 @@ def _worker_init(lock_fd):
     if lock_fd is not None:
         with contextlib.suppress(OSError): os.close(lock_fd)
 
-def _compact(con, parts, i, n, listing, fp):
+def _compact(con, parts, i, n, listing, fp, fresh=False):
     "Save shard i's current records (one per listed file, streamed from the part files) as its scan file."
     dest = parts/f'scan-{i}-of-{n}.parquet'
     srcs = _part_sources(parts)
+    if fresh and srcs and sum(pq.read_metadata(f).num_rows for f in srcs) == len(listing):
+        # a first run: its parts hold exactly one record per listed file, so they are concatenated, not deduplicated
+        tmp = dest.with_name(f'.{dest.name}.{uuid.uuid4().hex[:8]}.tmp')
+        try:
+            con.execute(f"COPY (SELECT * FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true)) "
+                        f"TO {_sql_str(tmp)} (FORMAT parquet, ROW_GROUP_SIZE 8192)")
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError): tmp.unlink()
+        shutil.rmtree(parts/f'chunks-{i}-of-{n}', ignore_errors=True)
+        return
     lst = pa.table({'path': [r for r, _, _ in listing], 'file_size': [s for _, s, _ in listing],
                     'mtime_ns': [m for _, _, m in listing]}, schema=pa.schema([('path', _STR), ('file_size', _I64), ('mtime_ns', _I64)]))
     tmp = dest.with_name(f'.{dest.name}.{uuid.uuid4().hex[:8]}.tmp')
@@ -1153,16 +1173,17 @@ def index_dicom(root:Path|str,          # the delivery folder: every file under 
         listing = [x for x in list_files(root, exclude=out, stats=walk) if n == 1 or path_hash(x[0]) % n == i]
         known = _known_keys(parts, fp)
         todo = [x for x in listing if x not in known]
-        del known
-        cs = int(chunk_size); run = uuid.uuid4().hex[:8]
-        jobs = [(str(root), str(chunk_dir/f'part-{run}-{k:06d}.parquet'), todo[s:s+cs], secret, policy)
-                for k, s in enumerate(range(0, len(todo), cs))]
+        fresh = not known and not _part_sources(parts)
+        run = uuid.uuid4().hex[:8]
+        jobs = [(str(root), str(chunk_dir/f'part-{run}-{k:06d}.parquet'), c, secret, policy)
+                for k, c in enumerate(_chunks(todo, int(chunk_size), workers))]
         pa.array([''])  # pyarrow imports pandas on first use: once here, inherited by forked workers
         _run_jobs(_scan_chunk, jobs, workers, lock_fd,
                   tqdm(total=len(listing), initial=len(listing) - len(todo), desc=f'indexing {root.name}' + (f' [{i}/{n}]' if n > 1 else ''),
                        unit='file', disable=not progress, mininterval=0.5))
         con = _connect(parts)
-        _compact(con, parts, i, n, listing, fp)
+        _compact(con, parts, i, n, listing, fp, fresh)
+        del known
         n_pix = _pixel_phase(con, parts, root, i, n, fp, policy, workers, lock_fd, progress)
     res = dict(root=str(root), out=str(out), shard=f'{i}/{n}' if n > 1 else None, shard_files=len(listing),
                scanned=len(todo), reused=len(listing) - len(todo), link_cycles_skipped=walk.get('link_cycles', 0),
