@@ -9,8 +9,8 @@ from pathlib import Path
 from .core import load_settings, SettingsError, SETTINGS_SPEC
 
 # %% auto #0
-__all__ = ['cmd_phantom', 'cmd_index', 'cmd_audit', 'cmd_release', 'cmd_label', 'cmd_cohort', 'cmd_split', 'cmd_demo',
-           'cmd_settings', 'build_parser', 'main']
+__all__ = ['cmd_phantom', 'cmd_index', 'cmd_audit', 'cmd_release', 'cmd_label', 'cmd_cohort', 'cmd_split', 'cmd_preprocess',
+           'cmd_demo', 'cmd_settings', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #c005
 def _fraction(s):
@@ -119,6 +119,25 @@ def cmd_split(args):
     return 0
 
 # %% ../nbs/90_cli.ipynb #c015
+def _ints(s):
+    try: return tuple(int(x) for x in s.split(','))
+    except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 40,192,192, got {s!r}")
+
+def _floats(s):
+    try: return tuple(float(x) for x in s.split(','))
+    except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 5,2,2, got {s!r}")
+
+def cmd_preprocess(args):
+    "Decode and preprocess the audited studies of an index into memory-mappable shards."
+    from rwid_nb.data.shards import preprocess, PreprocessSettings, format_preprocess
+    over = {k: v for k, v in (('size_2d', args.size_2d), ('ct_spacing_mm', args.ct_spacing), ('ct_size', args.ct_size),
+                              ('mr_spacing_mm', args.mr_spacing), ('mr_size', args.mr_size)) if v is not None}
+    res = preprocess(args.index, args.out, PreprocessSettings(**over), workers=args.workers, shard=args.shard,
+                     split=args.split, labels=args.labels, progress=not args.quiet)
+    if args.quiet: print(format_preprocess(res))
+    return 0
+
+# %% ../nbs/90_cli.ipynb #c017
 def cmd_demo(args):
     "Run the end-to-end demo on the default phantom cohort."
     from rwid_nb.data.phantom import generate_cohort, format_summary, read_cohort_summary
@@ -137,7 +156,7 @@ def cmd_demo(args):
     _demo_index(s, out, args)
     return 0
 
-# %% ../nbs/90_cli.ipynb #c016
+# %% ../nbs/90_cli.ipynb #c018
 def _demo_index(s, cohort_dir, args):
     "Demo stage 2: index the cohort, print the accounting and a per-site summary, and build the default cohort's split."
     from rwid_nb.data.index import index_dicom, format_accounting, query
@@ -163,8 +182,13 @@ def _demo_index(s, cohort_dir, args):
         print("\n(no data_manifests/phantom_default.v1.toml next to settings.ini: skipping the cohort split)"); return
     from rwid_nb.data.cohort import build_cohort
     _write_split_and_report(build_cohort(definition, idx), idx/'split_phantom_default.v1.parquet', f"\ncohort {definition.name}: ")
+    from rwid_nb.data.shards import preprocess, format_preprocess
+    shards = s.data_root/'phantom'/'default_shards'
+    print(f"\npreprocessing the audited cohort -> {shards}")
+    res = preprocess(idx, shards, workers=args.workers, progress=not args.quiet)
+    if args.quiet: print(format_preprocess(res))
 
-# %% ../nbs/90_cli.ipynb #c018
+# %% ../nbs/90_cli.ipynb #c020
 def cmd_settings(args):
     "Print the workspace settings in force and where they came from."
     s = load_settings()
@@ -174,7 +198,7 @@ def cmd_settings(args):
     for k in SETTINGS_SPEC: print(f"  {k:17s} = {d[k]}")
     return 0
 
-# %% ../nbs/90_cli.ipynb #c020
+# %% ../nbs/90_cli.ipynb #c022
 def _audit_args(p):
     p.add_argument('--pixel-check', choices=('all', 'untrusted', 'none'), default=None,
                    help='which images are read for burned-in text (default: the audit_pixel_check setting)')
@@ -204,6 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument('--workers', type=_positive, default=None, help='worker processes (default: all cores)')
     de.add_argument('--quiet', action='store_true', help='no progress bars')
     de.set_defaults(func=cmd_demo)
+    pp = sub.add_parser('preprocess', help='decode the audited studies of an index once into memory-mappable shards',
+                        description='Preprocess every item that passed the PHI gate into uint16 shards with an index.parquet; '
+                                    're-runnable in place (only new, changed or re-configured items are rebuilt).')
+    pp.add_argument('index', type=Path, help='manifest folder written by `rwid index`')
+    pp.add_argument('--out', type=Path, required=True, help='shards folder (index.parquet, shards/, preprocess.json)')
+    pp.add_argument('--workers', type=_positive, default=None, help='worker processes (default: all cores)')
+    pp.add_argument('--shard', default=None, metavar='I/N', help='build only shard I of N of the items')
+    pp.add_argument('--split', type=Path, default=None, help="study_key/split table (default: the index folder's split_*.parquet)")
+    pp.add_argument('--labels', type=Path, default=None, help="labels table from `rwid label` (default: the index folder's labels.parquet)")
+    pp.add_argument('--size-2d', type=_positive, default=None, help='longer side of 2D images (default 256)')
+    pp.add_argument('--ct-spacing', type=_floats, default=None, help='CT target spacing in mm: slice,row,col (default 5,2,2)')
+    pp.add_argument('--ct-size', type=_ints, default=None, help='CT target size: slices,rows,cols (default 40,192,192)')
+    pp.add_argument('--mr-spacing', type=_floats, default=None, help='MR target spacing in mm (default 6,1.5,1.5)')
+    pp.add_argument('--mr-size', type=_ints, default=None, help='MR target size (default 24,160,160)')
+    pp.add_argument('--quiet', action='store_true', help='no progress bar')
+    pp.set_defaults(func=cmd_preprocess)
     ix = sub.add_parser('index', help='index a folder of DICOM files into Parquet manifests',
                         description='Header-only, parallel, incremental indexing: every file lands in instances or quarantine.')
     ix.add_argument('root', type=Path, help='delivery folder (every file under it is accounted for)')

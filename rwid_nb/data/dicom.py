@@ -477,7 +477,7 @@ class _Slice:
 def _series_slices(srcs):
     out = []
     for k, s in enumerate(srcs):
-        ds, name = _open(s, header_only=not isinstance(s, Dataset))
+        ds, name = _open(s)  # with its pixel bytes: each file is read once, decoded below
         label = str(s) if not isinstance(s, Dataset) else (str(getattr(s, 'filename', '') or '') or f"<dataset {k}>")
         nf = _n_frames(ds, name)
         try:
@@ -590,7 +590,7 @@ def load_series(paths_or_datasets:list,    # the files (paths) or datasets of on
     for k, it in enumerate(kept):
         key = id(it.ds)
         if key not in cache:  # a multi-frame file is decoded once for all its frames
-            cache = {key: read_instance(it.src if not isinstance(it.src, Dataset) else it.ds)}
+            cache = {key: read_instance(it.ds)}
         img = cache[key]
         px = img.pixels[it.frame] if it.frame is not None else img.pixels
         if first is None:

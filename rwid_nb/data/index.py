@@ -1199,7 +1199,7 @@ def index_dicom(root:Path|str,          # the delivery folder: every file under 
                 res.update(acc, manifests_written=True, waiting_for_shards=[])
                 res['elapsed_s'] = round(time.perf_counter() - t0, 3)
                 with atomic_write(out/'index.json', 'w') as f:
-                    json.dump({k: v for k, v in res.items() if k not in ('root', 'out')}, f, indent=1)
+                    json.dump({k: v for k, v in res.items() if k != 'out'}, f, indent=1)  # root: where the files are, for preprocessing
     finally: con.close()
     res['elapsed_s'] = round(time.perf_counter() - t0, 3)
     if res['files_seen'] != res['indexed'] + sum(res['quarantined'].values()):
