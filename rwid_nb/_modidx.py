@@ -828,6 +828,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'rwid_nb.data.shards._worker_init': ('data.shards.html#_worker_init', 'rwid_nb/data/shards.py'),
                                      'rwid_nb.data.shards._write_index': ('data.shards.html#_write_index', 'rwid_nb/data/shards.py'),
                                      'rwid_nb.data.shards.cache_key': ('data.shards.html#cache_key', 'rwid_nb/data/shards.py'),
+                                     'rwid_nb.data.shards.canonical_axes': ('data.shards.html#canonical_axes', 'rwid_nb/data/shards.py'),
                                      'rwid_nb.data.shards.center_fit': ('data.shards.html#center_fit', 'rwid_nb/data/shards.py'),
                                      'rwid_nb.data.shards.format_preprocess': ( 'data.shards.html#format_preprocess',
                                                                                 'rwid_nb/data/shards.py'),

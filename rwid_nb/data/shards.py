@@ -19,12 +19,12 @@ from ..core import atomic_write, get_logger, check_writable_dir, stable_seed
 
 # %% auto #0
 __all__ = ['SHARD_VERSION', 'STORAGE_COLUMNS', 'ITEM_COLUMNS', 'THREE_D', 'PIXEL_FIELDS', 'ShardError', 'quantize', 'write_items',
-           'read_index', 'ShardReader', 'PreprocessSettings', 'plan_items', 'source_hashes', 'cache_key', 'center_fit',
-           'make_item', 'preprocess', 'format_preprocess']
+           'read_index', 'ShardReader', 'PreprocessSettings', 'plan_items', 'source_hashes', 'cache_key',
+           'canonical_axes', 'center_fit', 'make_item', 'preprocess', 'format_preprocess']
 
 # %% ../../nbs/15_data.shards.ipynb #c005
 _log = get_logger(__name__)
-SHARD_VERSION = 1  # bump when the stored format or the preprocessing code changes: every item is rebuilt
+SHARD_VERSION = 2  # bump when the stored format or the preprocessing code changes: every item is rebuilt
 
 class ShardError(Exception):
     "A shard is missing, truncated or corrupt (the message names the shard file and the item)."
@@ -181,18 +181,20 @@ def _file_hash(path):
         while b := f.read(1 << 20): h.update(b)
     return h.hexdigest()
 
-def source_hashes(root:Path, files:list, cache:Path) -> dict:
+def source_hashes(root:Path, files:list, cache:Path, threads:int=2) -> dict:
     "path -> content hash of each file, reusing `cache` (a Parquet of path, size, mtime_ns, hash) for unchanged files."
+    from concurrent.futures import ThreadPoolExecutor
     old = {}
     if cache.is_file():
         t = pd.read_parquet(cache)
         old = {(p, s, m): h for p, s, m, h in zip(t.path, t.file_size, t.mtime_ns, t.hash)}
+    keys = [(p, (st := os.stat(root/p)).st_size, st.st_mtime_ns) for p in files]
+    new = [k for k in keys if k not in old]
+    with ThreadPoolExecutor(max(1, threads)) as ex:  # hashlib releases the GIL on large buffers: threads hash in parallel
+        old.update(zip(new, ex.map(lambda k: _file_hash(root/k[0]), new)))
     out, rows = {}, []
-    for p in files:
-        st = os.stat(root/p)
-        k = (p, st.st_size, st.st_mtime_ns)
-        h = old.get(k) or _file_hash(root/p)
-        out[p] = h; rows.append((*k, h))
+    for k in keys:
+        out[k[0]] = old[k]; rows.append((*k, old[k]))
     with atomic_write(cache) as f:
         pd.DataFrame(rows, columns=['path', 'file_size', 'mtime_ns', 'hash']).to_parquet(f, index=False)
     return out
@@ -202,6 +204,19 @@ def cache_key(source_hash:str, settings_fp:str) -> str:
     return hashlib.blake2b(f'{source_hash}\x1f{settings_fp}'.encode(), digest_size=16).hexdigest()
 
 # %% ../../nbs/15_data.shards.ipynb #c019
+def canonical_axes(pixels:np.ndarray, # (slices, rows, cols) as `load_series` gives them
+                   normal, orientation, # the Volume's slice normal (3,) and ImageOrientationPatient (6,)
+                   spacing:tuple,       # (slice, row, col) spacing in mm
+                  ) -> tuple:
+    "(pixels, spacing) with axes permuted and flipped to inferior->superior, anterior->posterior, right->left (LPS)."
+    dirs = np.stack([np.asarray(normal, float), np.asarray(orientation[3:], float), np.asarray(orientation[:3], float)])
+    if not np.isfinite(dirs).all(): return pixels, tuple(spacing)
+    perm = [int(np.argmax(np.abs(dirs[:, t]))) for t in (2, 1, 0)]  # the index axis closest to patient z, y, x
+    if sorted(perm) != [0, 1, 2]: return pixels, tuple(spacing)     # no clear correspondence (a 45-degree oblique): leave it
+    x = np.transpose(pixels, perm)
+    flip = tuple(k for k, (p, t) in enumerate(zip(perm, (2, 1, 0))) if dirs[p, t] < 0)
+    return (np.flip(x, flip) if flip else x), tuple(spacing[p] for p in perm)
+
 def center_fit(x:np.ndarray, # channel-first array (C, *spatial)
                size:tuple,    # wanted spatial size
                value:float,   # what padding holds
@@ -247,12 +262,13 @@ def make_item(root:Path, item:dict, settings:PreprocessSettings) -> tuple:
         s = settings.applies(item['modality'], '3d')
         if vol.pixels.ndim != 3 or not np.isfinite(vol.spacing_mm).all():
             raise ValueError(f"series {item['item_key']}: not a grey volume with a known spacing ({vol.pixels.shape}, {vol.spacing_mm})")
-        y = _resize_3d(vol.pixels[None], vol.spacing_mm, s['spacing'], s['size'])
+        px, spc = canonical_axes(vol.pixels, vol.normal, vol.orientation, vol.spacing_mm)
+        y = _resize_3d(px[None], spc, s['spacing'], s['size'])
         sp, units = [float(v) for v in s['spacing']], vol.units
     lo, hi = (float(v) for v in np.percentile(y[:, ::3, ::3] if y.ndim == 3 else y[:, :, ::3, ::3], [0.5, 99.5]))
     return y, dict(spacing_mm=sp, units=units, value_lo=lo, value_hi=hi)
 
-# %% ../../nbs/15_data.shards.ipynb #c022
+# %% ../../nbs/15_data.shards.ipynb #c023
 def _worker_init():
     "A forked worker runs torch on one thread, as DataLoader workers do (OpenMP's pool does not survive a fork)."
     import torch
@@ -314,7 +330,8 @@ def preprocess(index_dir:Path|str,          # a manifest folder written by `rwid
     hashes = {}
     for f in sorted(out.glob('.filehash-*.parquet')):  # every shard's hashes: the index needs all items' keys
         t = pd.read_parquet(f); hashes.update(zip(t.path, t.hash))
-    hashes.update(source_hashes(root, sorted({p for fs in mine.files for p in fs}), out/f'.filehash-{i}-of-{n}.parquet'))
+    hashes.update(source_hashes(root, sorted({p for fs in mine.files for p in fs}), out/f'.filehash-{i}-of-{n}.parquet',
+                                threads=int(workers or os.cpu_count() or 1)))
     items = _item_keys(items, root, out, settings, hashes)
     have = set(_shard_rows(out).cache_key)
     todo = items[items.item_key.isin(set(mine.item_key)) & ~items.cache_key.isin(have)]
