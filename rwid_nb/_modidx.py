@@ -259,6 +259,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                      'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._compact': ('data.index.html#_compact', 'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._connect': ('data.index.html#_connect', 'rwid_nb/data/index.py'),
+                                    'rwid_nb.data.index._copy_to': ('data.index.html#_copy_to', 'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._date_shift': ('data.index.html#_date_shift', 'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._day_number': ('data.index.html#_day_number', 'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._decoder_problem': ('data.index.html#_decoder_problem', 'rwid_nb/data/index.py'),

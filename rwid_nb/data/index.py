@@ -768,6 +768,15 @@ TABLES = ('instances', 'series', 'studies', 'quarantine', 'report_links')
 
 def _sql_str(s): return "'" + str(s).replace("'", "''") + "'"
 
+def _copy_to(con, select:str, dest:Path, row_group:int|None=8192):
+    "Write the rows of a DuckDB `select` to the Parquet file `dest` atomically (a temporary file renamed into place)."
+    tmp = dest.with_name(f'.{dest.name}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        con.execute(f"COPY ({select}) TO {_sql_str(tmp)} (FORMAT parquet{f', ROW_GROUP_SIZE {row_group}' if row_group else ''})")
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError): tmp.unlink()
+
 def _mode_join(table, key, cols):
     "LEFT JOINs adding the most common non-null value of each column per `key` (ties: the smallest value)."
     return ' '.join(f"LEFT JOIN (SELECT {key}, first({c} ORDER BY n DESC, {c}) AS {c} FROM (SELECT {key}, {c}, count(*) AS n "
@@ -889,13 +898,7 @@ def _write_manifests(con, out, i, n, reports, policy, root, fp, workers, progres
             sql, key = _table_sql(t, n)
             for j in range(n):
                 dest = out/manifest_name(t, j, n)
-                tmp = dest.with_name(f'.{dest.name}.{uuid.uuid4().hex[:8]}.tmp')
-                try:
-                    con.execute(f"COPY (SELECT * EXCLUDE (_part) FROM ({sql}) WHERE _part = {j} ORDER BY {key}) "
-                                f"TO {_sql_str(tmp)} (FORMAT parquet, ROW_GROUP_SIZE 8192)")
-                    os.replace(tmp, dest)
-                finally:
-                    with contextlib.suppress(FileNotFoundError): tmp.unlink()
+                _copy_to(con, f"SELECT * EXCLUDE (_part) FROM ({sql}) WHERE _part = {j} ORDER BY {key}", dest)
                 written.add(dest.name)
         for t in TABLES:  # manifests of another sharding would double rows under a glob
             for f in out.glob(f'{t}*.parquet'):
@@ -984,18 +987,15 @@ def _check_pixels(con, parts, root, cands, name, fp, workers, lock_fd, progress)
     srcs = _pixel_sources(parts)
     lst = pa.table({'path': [c[0] for c in cands], 'file_size': [c[1] for c in cands], 'mtime_ns': [c[2] for c in cands]},
                    schema=pa.schema([('path', _STR), ('file_size', _I64), ('mtime_ns', _I64)]))
-    tmp = dest.with_name(f'.{dest.name}.{uuid.uuid4().hex[:8]}.tmp')
     con.register('plst', lst)
     try:
         if srcs:
-            con.execute(f"""COPY (SELECT * EXCLUDE (k) FROM (SELECT r.*, row_number() OVER (PARTITION BY r.path ORDER BY r.text_lines) AS k
+            _copy_to(con, f"""SELECT * EXCLUDE (k) FROM (SELECT r.*, row_number() OVER (PARTITION BY r.path ORDER BY r.text_lines) AS k
                 FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true) r JOIN plst USING (path, file_size, mtime_ns)
-                WHERE r._secret_fp = {_sql_str(fp)} AND r._version = {INDEX_VERSION}) WHERE k = 1) TO {_sql_str(tmp)} (FORMAT parquet)""")
-        else: pq.write_table(PIXEL_SCHEMA.empty_table(), tmp)
-        os.replace(tmp, dest)
-    finally:
-        con.unregister('plst')
-        with contextlib.suppress(FileNotFoundError): tmp.unlink()
+                WHERE r._secret_fp = {_sql_str(fp)} AND r._version = {INDEX_VERSION}) WHERE k = 1""", dest, None)
+        else:
+            with atomic_write(dest) as f: pq.write_table(PIXEL_SCHEMA.empty_table(), f)
+    finally: con.unregister('plst')
     shutil.rmtree(chunk_dir, ignore_errors=True)
     return len(cands)
 
@@ -1087,18 +1087,11 @@ def _compact(con, parts, i, n, listing, fp, fresh=False):
     srcs = _part_sources(parts)
     if fresh and srcs and sum(pq.read_metadata(f).num_rows for f in srcs) == len(listing):
         # a first run: its parts hold exactly one record per listed file, so they are concatenated, not deduplicated
-        tmp = dest.with_name(f'.{dest.name}.{uuid.uuid4().hex[:8]}.tmp')
-        try:
-            con.execute(f"COPY (SELECT * FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true)) "
-                        f"TO {_sql_str(tmp)} (FORMAT parquet, ROW_GROUP_SIZE 8192)")
-            os.replace(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError): tmp.unlink()
+        _copy_to(con, f"SELECT * FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true)", dest)
         shutil.rmtree(parts/f'chunks-{i}-of-{n}', ignore_errors=True)
         return
     lst = pa.table({'path': [r for r, _, _ in listing], 'file_size': [s for _, s, _ in listing],
                     'mtime_ns': [m for _, _, m in listing]}, schema=pa.schema([('path', _STR), ('file_size', _I64), ('mtime_ns', _I64)]))
-    tmp = dest.with_name(f'.{dest.name}.{uuid.uuid4().hex[:8]}.tmp')
     try:
         con.register('lst', lst); con.register('no_records', RECORD_SCHEMA.empty_table())
         src = (f"(SELECT * FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true, filename=true))"
@@ -1109,12 +1102,9 @@ def _compact(con, parts, i, n, listing, fp, fresh=False):
             WHERE r._secret_fp = {_sql_str(fp)} AND r._version = {INDEX_VERSION}) WHERE k = 1""")
         got = con.execute("SELECT count(*) FROM chosen").fetchone()[0]
         if got != len(listing): raise RuntimeError(f"internal error: {got} records for {len(listing)} files of shard {i}/{n}")
-        con.execute(f"COPY (SELECT r.* EXCLUDE (filename) FROM {src} r SEMI JOIN chosen USING (path, filename)) "
-                    f"TO {_sql_str(tmp)} (FORMAT parquet, ROW_GROUP_SIZE 8192)")
-        os.replace(tmp, dest)
+        _copy_to(con, f"SELECT r.* EXCLUDE (filename) FROM {src} r SEMI JOIN chosen USING (path, filename)", dest)
     finally:
         con.execute('DROP TABLE IF EXISTS chosen'); con.unregister('lst'); con.unregister('no_records')
-        with contextlib.suppress(FileNotFoundError): tmp.unlink()
     shutil.rmtree(parts/f'chunks-{i}-of-{n}', ignore_errors=True)
 
 # %% ../../nbs/11_data.index.ipynb #c069
@@ -1264,14 +1254,11 @@ def audit_dicom(root:Path|str,              # the delivery folder
     con = duckdb.connect()
     try:
         g = lambda t: f"read_parquet({_sql_str(str(idx/f'{t}*.parquet'))})"
-        con.execute(f"""COPY (SELECT {', '.join(AUDIT_COLUMNS)} FROM {g('instances')} UNION ALL
+        _copy_to(con, f"""SELECT {', '.join(AUDIT_COLUMNS)} FROM {g('instances')} UNION ALL
             SELECT path, site_id, NULL, NULL, NULL, NULL, modality, 'quarantined', ['unreadable:' || reason] FROM {g('quarantine')}
-            ORDER BY path) TO {_sql_str(str(out/'.audit.parquet.tmp'))} (FORMAT parquet)""")
-        os.replace(out/'.audit.parquet.tmp', out/'audit.parquet')
-        con.execute(f"""COPY (SELECT study_key, site_id, patient_key, modality, n_instances, report_available, audit_status,
-            audit_findings, report_audit_findings FROM {g('studies')} ORDER BY study_key) TO {_sql_str(str(out/'.audit_studies.parquet.tmp'))}
-            (FORMAT parquet)""")
-        os.replace(out/'.audit_studies.parquet.tmp', out/'audit_studies.parquet')
+            ORDER BY path""", out/'audit.parquet')
+        _copy_to(con, f"""SELECT study_key, site_id, patient_key, modality, n_instances, report_available, audit_status,
+            audit_findings, report_audit_findings FROM {g('studies')} ORDER BY study_key""", out/'audit_studies.parquet')
         files = dict(con.execute(f"SELECT audit_status, count(*) FROM read_parquet({_sql_str(str(out/'audit.parquet'))}) GROUP BY 1").fetchall())
     finally: con.close()
     summary = dict(files_seen=res['files_seen'], files=files, **res['audit'])
