@@ -913,6 +913,8 @@ def _write_manifests(con, out, i, n, reports, policy, root, fp, workers, progres
         acc['reports_unmatched'] = con.execute("SELECT count(DISTINCT report_key) FROM rep WHERE report_key NOT IN "
                                                "(SELECT report_key FROM links2)").fetchone()[0] if reports is not None else 0
         acc['audit'] = _audit_accounting(con, n)
+        pix = parts/f'pixels-all-of-{n}.parquet'
+        acc['pixel_checked'] = pq.read_metadata(pix).num_rows if policy.pixel_check != 'none' and pix.exists() else 0
     finally:
         con.execute('DROP VIEW IF EXISTS inst')
         for t in ('agg', 'dups', 'first_day', 'folders', 'links', 'links2', 'studies_t', 'ia'): con.execute(f'DROP TABLE IF EXISTS {t}')
@@ -1174,7 +1176,8 @@ def index_dicom(root:Path|str,          # the delivery folder: every file under 
         con = _connect(parts)
         _compact(con, parts, i, n, listing, fp, fresh)
         del known
-        n_pix = _pixel_phase(con, parts, root, i, n, fp, policy, workers, lock_fd, progress)
+        # with shards, each checks its own files' sample here; unsharded, the manifest step below checks the whole sample
+        n_pix = _pixel_phase(con, parts, root, i, n, fp, policy, workers, lock_fd, progress) if n > 1 else 0
     res = dict(root=str(root), out=str(out), shard=f'{i}/{n}' if n > 1 else None, shard_files=len(listing),
                scanned=len(todo), reused=len(listing) - len(todo), link_cycles_skipped=walk.get('link_cycles', 0),
                unreadable_folders=walk.get('unreadable_folders', 0), pixel_checked=n_pix)

@@ -296,7 +296,7 @@ def _shard_rows(out):
     if not fs: return pd.DataFrame(columns=_SHARD_ROW + PIXEL_FIELDS + STORAGE_COLUMNS)
     return pd.concat([pd.read_parquet(f) for f in fs], ignore_index=True)
 
-def _item_keys(items, root, out, settings, hashes):
+def _item_keys(items, settings, hashes):
     "Source hash, settings fingerprint and cache key of each item whose files are all hashed (else None: pending)."
     src, fps, keys = [], [], []
     for files, mod, kind in zip(items.files, items.modality, items.kind):
@@ -332,7 +332,7 @@ def preprocess(index_dir:Path|str,          # a manifest folder written by `rwid
         t = pd.read_parquet(f); hashes.update(zip(t.path, t.hash))
     hashes.update(source_hashes(root, sorted({p for fs in mine.files for p in fs}), out/f'.filehash-{i}-of-{n}.parquet',
                                 threads=int(workers or os.cpu_count() or 1)))
-    items = _item_keys(items, root, out, settings, hashes)
+    items = _item_keys(items, settings, hashes)
     have = set(_shard_rows(out).cache_key)
     todo = items[items.item_key.isin(set(mine.item_key)) & ~items.cache_key.isin(have)]
     recs = todo[['files', 'frames', *_SHARD_ROW, 'study_key']].to_dict('records')
