@@ -3,7 +3,7 @@
 Target (ingestion issue): on a phantom cohort of at least 20,000 files, `index_dicom` reaches at least 0.7 of the
 throughput (files/s) of a bare `pydicom.dcmread(f, stop_before_pixels=True)` loop run with the same number of worker
 processes, and its peak memory does not grow with the number of files.
-Run: `.venv/bin/python bench/bench_index.py [--studies 2800] [--workers 2] [--repeats 2] [--cache DIR]`
+Run: `.venv/bin/python bench/bench_index.py [--studies 2800] [--workers 2] [--repeats 3] [--cache DIR]`
 
 The cohort is generated once (`generate_cohort(..., workers=2)`) into `<cache_root>/bench-index/` and reused. Every
 measurement runs in a fresh Python process, after a pass that reads every file once so the page cache is equally
@@ -15,6 +15,12 @@ load on a shared machine.
 burned-in text decodes images, which is a different job from reading headers, so the headline rows switch it off
 (`pixel_check='none'`) and one more row shows indexing with the default policy (`pixel_check='all'`: the first,
 middle and last image of every series decoded and searched for text lines).
+
+Memory is checked, not assumed: the peak resident set of the main process and of the largest worker is printed for
+a delivery of about half the cohort (links to every other patient folder) and for the whole cohort, with the growth
+per extra file. The manifest step, where the main process's memory used to grow with the delivery, is also run alone
+on the whole cohort's scan records and on ten copies of them (distinct paths and UIDs: ten times the instances,
+series, studies and patients), each in a fresh process.
 """
 import argparse, os, sys, json, time, shutil, resource, subprocess, tempfile, statistics
 from pathlib import Path
@@ -60,9 +66,37 @@ def run_index(root, workers, out, pixel_check='none'):
                 pixel_checked=res['pixel_checked'], studies_flagged=res['audit']['studies'].get('flagged', 0))
 
 
+def run_manifests(out, workers):
+    "Only the manifest step, over the scan records already in `out/.parts` (no reports, no pixel check)."
+    import rwid_nb.data.index as ix
+    from rwid_nb.data.phi import AuditPolicy
+    t = time.perf_counter()
+    con = ix._connect(Path(out)/'.parts', workers)
+    con.execute(f'SET threads = {ix._threads(workers)}')
+    try: acc = ix._write_manifests(con, Path(out), 0, 1, None, AuditPolicy(pixel_check='none'), None, None, workers, False)
+    finally: con.close()
+    return dict(files=acc['files_seen'], studies=acc['studies'], series=acc['series'], seconds=time.perf_counter() - t)
+
+
+def replicate_scan(scan, out, copies):
+    "A scan file of `copies` copies of `scan`'s records, each copy with its own paths, UIDs, study and patient keys."
+    import duckdb
+    (Path(out)/'.parts').mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    key = lambda c: f"{c} || '.' || k"
+    con.execute(f"""COPY (SELECT r.* REPLACE (k || '/' || path AS path, {key('instance_uid')} AS instance_uid,
+        {key('series_uid')} AS series_uid, {key('study_uid')} AS study_uid, {key('study_key')} AS study_key,
+        {key('patient_key')} AS patient_key) FROM read_parquet('{scan}') r, range({copies}) t(k) ORDER BY path)
+        TO '{Path(out)/'.parts'/'scan-0-of-1.parquet'}' (FORMAT parquet, ROW_GROUP_SIZE 8192)""")
+    con.close()
+    return out
+
+
 def child(args):
     "One measurement in this (fresh) process; prints a JSON line."
+    if args.child == 'replicate': replicate_scan(args.root, args.out, args.copies); return print('{}')  # (not a measurement)
     if args.child == 'bare': r = run_bare(args.root, args.workers)
+    elif args.child == 'manifests': r = run_manifests(args.out, args.workers)
     else: r = run_index(args.root, args.workers, args.out, pixel_check='all' if args.child == 'index-pixels' else 'none')
     cpu = lambda who: (lambda u: u.ru_utime + u.ru_stime)(resource.getrusage(who))
     r.update(main_rss_mib=_rss_mib(resource.RUSAGE_SELF), worker_rss_mib=_rss_mib(resource.RUSAGE_CHILDREN),
@@ -70,8 +104,8 @@ def child(args):
     print(json.dumps(r))
 
 
-def measure(kind, root, workers, out=None):
-    cmd = [sys.executable, __file__, '--child', kind, '--root', str(root), '--workers', str(workers)]
+def measure(kind, root, workers, out=None, copies=1):
+    cmd = [sys.executable, __file__, '--child', kind, '--root', str(root or ''), '--workers', str(workers), '--copies', str(copies)]
     if out: cmd += ['--out', str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode: raise SystemExit(f"{kind} run failed:\n{p.stderr[-3000:]}")
@@ -115,11 +149,12 @@ def main():
     ap.add_argument('--studies', type=int, default=2800)
     ap.add_argument('--seed', type=int, default=7)
     ap.add_argument('--workers', type=int, default=2)
-    ap.add_argument('--repeats', type=int, default=2)
+    ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--cache', default=None, help='cache folder (default: the workspace cache_root)')
-    ap.add_argument('--child', choices=['bare', 'index', 'index-pixels'], help=argparse.SUPPRESS)
+    ap.add_argument('--child', choices=['bare', 'index', 'index-pixels', 'manifests', 'replicate'], help=argparse.SUPPRESS)
     ap.add_argument('--root', help=argparse.SUPPRESS)
     ap.add_argument('--out', help=argparse.SUPPRESS)
+    ap.add_argument('--copies', type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         import rwid_nb.data.index  # noqa: F401  (warm the import: imports are not what is measured)
@@ -135,12 +170,14 @@ def main():
     if n < 20_000: print(f"warning: {n:,} files, fewer than the 20,000 the target is stated for (raise --studies)\n")
     tmp = Path(tempfile.mkdtemp(prefix='rwid-bench-index-'))
     try:
-        bare, fresh, rerun, pix = [], [], [], []
+        bare, fresh, rerun, halves, pix = [], [], [], [], []
+        half = half_root(c, tmp/'half')
         for r in range(a.repeats):  # interleaved, so that load from elsewhere hits every contender alike
             bare.append(measure('bare', root, a.workers))
             out = tmp/f'out{r}'
             fresh.append(measure('index', root, a.workers, out))
             rerun.append(measure('index', root, a.workers, out))
+            halves.append(measure('index', half, a.workers, tmp/f'out-half{r}'))
         pix.append(measure('index-pixels', root, a.workers, tmp/'pixels'))  # once: it decodes images
         med = lambda rs, k='seconds': statistics.median(x[k] for x in rs)
         tb = med(bare)
@@ -156,16 +193,28 @@ def main():
         print(f"\ntarget: fresh index throughput >= 0.7 x bare loop -> {ratio:.2f} "
               f"({'met' if ratio >= 0.7 else 'NOT met'}); indexed {fresh[0]['indexed']:,} of {fresh[0]['files']:,} files; "
               f"{a.repeats} repeats\n")
-        half = half_root(c, tmp/'half')
-        mem = [('half cohort', measure('index', half, a.workers, tmp/'out-half')), ('full cohort', fresh[-1])]
-        print("| cohort | files | main peak RSS (MiB) | largest worker peak RSS (MiB) |")
+        print("| cohort | files | main peak RSS (MiB, median) | largest worker peak RSS (MiB, median) |")
         print("|---|---:|---:|---:|")
-        for name, m in mem:
-            print(f"| {name} | {m['files']:,} | {m['main_rss_mib']:.0f} | {m['worker_rss_mib']:.0f} |")
-        grow = (mem[1][1]['main_rss_mib'] - mem[0][1]['main_rss_mib']) / max(mem[1][1]['files'] - mem[0][1]['files'], 1) * 1024
-        wgrow = mem[1][1]['worker_rss_mib'] - mem[0][1]['worker_rss_mib']
-        print(f"\nworkers: {wgrow:+.0f} MiB from half to full cohort (records leave each chunk as a Parquet part); "
-              f"main: {grow:.1f} KiB per extra file (the file listing and DuckDB's working set while it writes the manifests)")
+        mem = [('about half (every other patient)', halves), ('whole', fresh)]
+        for name, rs in mem:
+            print(f"| {name} | {rs[0]['files']:,} | {med(rs, 'main_rss_mib'):.0f} | {med(rs, 'worker_rss_mib'):.0f} |")
+        d_files = max(fresh[0]['files'] - halves[0]['files'], 1)
+        slope = lambda k: (med(fresh, k) - med(halves, k)) / d_files * 1024
+        print(f"\ngrowth from half to whole cohort, per extra file: main {slope('main_rss_mib'):+.2f} KiB, "
+              f"largest worker {slope('worker_rss_mib'):+.2f} KiB ({a.repeats} runs each)")
+        # the manifest step alone, on this cohort's records and on ten copies of them
+        # (copies are made in a child: a process started from a big parent would start with the parent's peak RSS)
+        one, ten = tmp/'man-1x', tmp/'man-10x'
+        for d, k in ((one, 1), (ten, 10)): measure('replicate', tmp/'out0'/'.parts'/'scan-0-of-1.parquet', a.workers, d, k)
+        print("\n| manifest step alone | records | studies | series | wall s | CPU s | main peak RSS (MiB) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        ms = []
+        for name, d in (('this cohort', one), ('ten copies', ten)):
+            m = measure('manifests', None, a.workers, d); ms.append(m)
+            print(f"| {name} | {m['files']:,} | {m['studies']:,} | {m['series']:,} | {m['seconds']:.2f} | {m['cpu_s']:.1f} | {m['main_rss_mib']:.0f} |")
+        print(f"\nmanifest step: {ms[1]['main_rss_mib'] - ms[0]['main_rss_mib']:+.0f} MiB for {ms[1]['files'] - ms[0]['files']:,} more records "
+              f"({(ms[1]['main_rss_mib'] - ms[0]['main_rss_mib']) / (ms[1]['files'] - ms[0]['files']) * 1024:+.2f} KiB each); "
+              "DuckDB works under a fixed memory limit and spills to the manifest folder beyond it")
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -4,13 +4,13 @@
 
 # %% ../nbs/90_cli.ipynb #c003
 from __future__ import annotations
-import sys, json, argparse
+import os, sys, json, argparse
 from pathlib import Path
 from .core import load_settings, SettingsError, SETTINGS_SPEC
 
 # %% auto #0
-__all__ = ['cmd_phantom', 'cmd_index', 'cmd_audit', 'cmd_release', 'cmd_label', 'cmd_cohort', 'cmd_split', 'cmd_preprocess',
-           'cmd_demo', 'cmd_settings', 'build_parser', 'main']
+__all__ = ['DEMO_TRAIN', 'cmd_phantom', 'cmd_index', 'cmd_audit', 'cmd_release', 'cmd_label', 'cmd_cohort', 'cmd_split',
+           'cmd_preprocess', 'cmd_train', 'cmd_demo', 'cmd_settings', 'build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #c005
 def _fraction(s):
@@ -138,14 +138,40 @@ def cmd_preprocess(args):
     return 0
 
 # %% ../nbs/90_cli.ipynb #c017
+def _set_pair(s):
+    "KEY=VALUE with the value parsed as TOML (a bare word is a string)."
+    import tomllib
+    if '=' not in s: raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {s!r}")
+    k, v = s.split('=', 1)
+    try: return k.strip(), tomllib.loads(f'v = {v}')['v']
+    except tomllib.TOMLDecodeError: return k.strip(), v
+
+_TRAIN_FLAGS = ('epochs', 'batch_size', 'lr', 'mode', 'loss', 'init_from', 'max_steps', 'workers', 'precision', 'seed', 'kind')
+
+def cmd_train(args):
+    "Fine-tune an image-report model on a shards folder (alone or under torchrun)."
+    from rwid_nb.train import load_config, train
+    over = dict(args.set or [])
+    over.update({k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None})
+    if over.get('init_from') is not None: over['init_from'] = str(over['init_from'])
+    cfg = load_config(args.config, **over)
+    summary = train(args.data, args.out, cfg, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get('RANK', '0')) == 0:
+        best = summary['best']
+        print(f"trained {summary['steps']} steps ({summary['epochs_done']} epochs{', resumed' if summary['resumed'] else ''}) "
+              f"in {summary['seconds']:.0f} s -> {args.out}/checkpoints/{{best,last}}; best {cfg.monitor} = "
+              f"{'n/a' if best is None else f'{best:.4f}'}")
+    return 0
+
+# %% ../nbs/90_cli.ipynb #c019
 def cmd_demo(args):
     "Run the end-to-end demo on the default phantom cohort."
-    from rwid_nb.data.phantom import generate_cohort, format_summary, read_cohort_summary
+    from rwid_nb.data.phantom import generate_cohort, format_summary, read_cohort_summary, PHANTOM_VERSION
     s = load_settings()
     out = s.data_root/'phantom'/'default'
     n = args.studies or s.demo_studies
     have = read_cohort_summary(out)
-    if have and have.get('seed') == s.seed and have.get('n_studies') == n and have.get('inject_phi') == 0.05:
+    if have and have.get('generator_version') == PHANTOM_VERSION and have.get('seed') == s.seed and have.get('n_studies') == n and have.get('inject_phi') == 0.05:
         print(f"phantom cohort already at {out} (seed {s.seed}, {n} studies): reusing it")
         res = dict(have, out=str(out))
     else:
@@ -156,7 +182,7 @@ def cmd_demo(args):
     _demo_index(s, out, args)
     return 0
 
-# %% ../nbs/90_cli.ipynb #c018
+# %% ../nbs/90_cli.ipynb #c020
 def _demo_index(s, cohort_dir, args):
     "Demo stage 2: index the cohort, print the accounting and a per-site summary, and build the default cohort's split."
     from rwid_nb.data.index import index_dicom, format_accounting, query
@@ -187,8 +213,64 @@ def _demo_index(s, cohort_dir, args):
     print(f"\npreprocessing the audited cohort -> {shards}")
     res = preprocess(idx, shards, workers=args.workers, progress=not args.quiet)
     if args.quiet: print(format_preprocess(res))
+    _demo_train(s, shards, args)
 
-# %% ../nbs/90_cli.ipynb #c020
+# %% ../nbs/90_cli.ipynb #c022
+DEMO_TRAIN = dict(size=160, max_text_length=64, baseline_epochs=4, finetune_epochs=5)
+
+def _demo_train(s, shards, args):
+    "Demo stage 3: the baseline (generic towers adapted on one site) and its multi-site LoRA fine-tuning."
+    import shutil
+    from rwid_nb.train import TrainConfig, train
+    from rwid_nb.data.shards import read_index
+    ix = read_index(shards)
+    tr = ix[ix.split.eq('train') & ix.kind.eq('2d')]
+    if tr.empty: print("\n(no 2D training items: skipping training)"); return
+    counts = tr.site_id.value_counts()
+    site = sorted(counts[counts == counts.max()].index)[0]
+    if counts[site] < 4:
+        print(f"\n(only {int(counts[site])} 2D training images at the largest site: too few for contrastive training; skipping it)"); return
+    runs = s.runs_root/'demo'
+    size, ep = args.train_size or DEMO_TRAIN['size'], args.train_epochs
+    common = dict(image_tower=s.image_tower, text_tower=s.text_tower, size=size, seed=s.seed,
+                  max_text_length=DEMO_TRAIN['max_text_length'], workers=min(2, args.workers or 2),
+                  tracking_mode=s.tracking_mode, tracking_project=s.tracking_project)
+    print(f"\n(a) baseline: the generic towers ({s.image_tower} + {s.text_tower}) adapted on site {site} "
+          f"({int(counts[site])} of {len(tr)} training images) -> {runs/'baseline'}")
+    base = TrainConfig(**common, sites=[site], batch_size=max(2, min(16, int(counts[site]) // 2)), epochs=ep or DEMO_TRAIN['baseline_epochs'],
+                       mode='full', lr=1e-3, tower_lr=1e-4, run_name='demo-baseline')
+    sb = _train_once(shards, runs/'baseline', base, args)
+    print(f"    {sb['steps']} steps in {sb['seconds']:.0f} s; best val_loss on site {site}: {_fmt(sb['best'])}")
+    print(f"\n(b) RWiD fine-tuning: the baseline + LoRA on all {len(tr)} training images of {tr.site_id.nunique()} sites -> {runs/'finetune'}")
+    ft = TrainConfig(**common, init_from=str(runs/'baseline'/'checkpoints'/'best'), batch_size=max(2, min(16, len(tr) // 2)),
+                     epochs=ep or DEMO_TRAIN['finetune_epochs'], mode='lora', lr=2e-3, eval_at_start=True, run_name='demo-finetune')
+    sf = _train_once(shards, runs/'finetune', ft, args)
+    print(f"    {sf['steps']} steps in {sf['seconds']:.0f} s; trainable {sf['trainable']['trainable']:,} of {sf['trainable']['total']:,} parameters")
+    h = sf['history']
+    if h:
+        best = min(h, key=lambda r: r['val_loss'])
+        rows = [('val_loss', 'lower'), ('val_i2t_R@1', 'higher'), ('val_t2i_R@1', 'higher'), ('val_i2t_R@5', 'higher')]
+        print(f"\nmulti-site validation ({h[0]['val_items']} images): baseline -> fine-tuned (best, step {best['step']})")
+        for k, better in rows: print(f"  {k:12s} {_fmt(h[0][k])} -> {_fmt(best[k])}   ({better} is better)")
+    print(f"\nW&B runs (offline): {runs/'baseline'/'wandb'} and {runs/'finetune'/'wandb'} (upload later with `wandb sync`)")
+
+def _fmt(v): return 'n/a' if v is None else f"{v:.3f}"
+
+def _train_once(shards, out, cfg, args):
+    "Train `cfg` into `out`, or reuse the finished run there when it was made with the same configuration and data."
+    import shutil
+    from dataclasses import asdict
+    from rwid_nb.train import train
+    done = out/'summary.json'
+    shards_at = (Path(shards)/'index.parquet').stat().st_mtime
+    if done.is_file() and (out/'config.json').is_file() and done.stat().st_mtime > shards_at \
+       and json.loads((out/'config.json').read_text()) == json.loads(json.dumps(asdict(cfg))):
+        print(f"    reusing the finished run in {out} (same configuration, shards unchanged)")
+        return json.loads(done.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    return train(shards, out, cfg, progress=not args.quiet, group='demo')
+
+# %% ../nbs/90_cli.ipynb #c024
 def cmd_settings(args):
     "Print the workspace settings in force and where they came from."
     s = load_settings()
@@ -198,7 +280,7 @@ def cmd_settings(args):
     for k in SETTINGS_SPEC: print(f"  {k:17s} = {d[k]}")
     return 0
 
-# %% ../nbs/90_cli.ipynb #c022
+# %% ../nbs/90_cli.ipynb #c026
 def _audit_args(p):
     p.add_argument('--pixel-check', choices=('all', 'untrusted', 'none'), default=None,
                    help='which images are read for burned-in text (default: the audit_pixel_check setting)')
@@ -227,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument('--studies', type=_positive, default=None, help='override the demo_studies setting')
     de.add_argument('--workers', type=_positive, default=None, help='worker processes (default: all cores)')
     de.add_argument('--quiet', action='store_true', help='no progress bars')
+    de.add_argument('--train-epochs', type=_positive, default=None, help='epochs of each training stage (quick checks; default 4 and 5)')
+    de.add_argument('--train-size', type=_positive, default=None, help='image side for training (quick checks; default 160)')
     de.set_defaults(func=cmd_demo)
     pp = sub.add_parser('preprocess', help='decode the audited studies of an index once into memory-mappable shards',
                         description='Preprocess every item that passed the PHI gate into uint16 shards with an index.parquet; '
@@ -244,6 +328,27 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument('--mr-size', type=_ints, default=None, help='MR target size (default 24,160,160)')
     pp.add_argument('--quiet', action='store_true', help='no progress bar')
     pp.set_defaults(func=cmd_preprocess)
+    tr = sub.add_parser('train', help='fine-tune a CLIP-style image-report model on a shards folder (torchrun-ready)',
+                        description='Contrastive fine-tuning with checkpoints, exact resume, validation and W&B tracking. '
+                                    'Run it unchanged under `torchrun --nproc_per_node N` for DDP with global negatives.')
+    tr.add_argument('--data', type=Path, required=True, help='shards folder written by `rwid preprocess`')
+    tr.add_argument('--out', type=Path, required=True, help='run folder (checkpoints/, metrics.jsonl, config.json, wandb/)')
+    tr.add_argument('--config', type=Path, default=None, help='TOML file of TrainConfig keys (at top level or under [train])')
+    tr.add_argument('--resume', action='store_true', help='continue from OUT/checkpoints/last (exactly where it stopped)')
+    tr.add_argument('--set', type=_set_pair, action='append', metavar='KEY=VALUE', help='any TrainConfig key (TOML value); repeatable')
+    tr.add_argument('--epochs', type=_positive, default=None)
+    tr.add_argument('--batch-size', type=_positive, default=None, help='pairs per rank per step (contrastive batch = this x ranks)')
+    tr.add_argument('--lr', type=float, default=None, help='learning rate of heads / adapters (towers: tower_lr)')
+    tr.add_argument('--mode', choices=('full', 'heads', 'frozen_image', 'frozen_text', 'lora'), default=None)
+    tr.add_argument('--loss', choices=('clip', 'siglip', 'soft'), default=None)
+    tr.add_argument('--init-from', type=Path, default=None, help='start from this model folder instead of the generic towers')
+    tr.add_argument('--max-steps', type=_positive, default=None)
+    tr.add_argument('--workers', type=int, default=None, help='DataLoader workers per rank')
+    tr.add_argument('--precision', choices=('auto', 'fp32', 'bf16', 'fp16'), default=None)
+    tr.add_argument('--seed', type=int, default=None)
+    tr.add_argument('--kind', choices=('2d', '2.5d', '3d'), default=None)
+    tr.add_argument('--quiet', action='store_true', help='no progress bars')
+    tr.set_defaults(func=cmd_train)
     ix = sub.add_parser('index', help='index a folder of DICOM files into Parquet manifests',
                         description='Header-only, parallel, incremental indexing: every file lands in instances or quarantine.')
     ix.add_argument('root', type=Path, help='delivery folder (every file under it is accounted for)')
@@ -303,9 +408,18 @@ def main(argv:list|None=None, # arguments (default: sys.argv[1:])
     args = p.parse_args(argv)
     if not getattr(args, 'func', None): p.print_help(); return 2
     try: return args.func(args) or 0
-    except (SettingsError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
+    except (SettingsError, ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as e:
         print(f"rwid {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rwid {args.command}: interrupted; nothing half-written was left under the output name", file=sys.stderr)
         return 130
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+        return get_ipython() is not None
+    except ImportError: return False
+
+# `python -m rwid_nb.cli ...` (what `torchrun ... -m rwid_nb.cli train ...` runs); never when a notebook runs this cell
+if __name__ == '__main__' and not _in_notebook(): sys.exit(main())

@@ -76,14 +76,23 @@ def test_settings_errors_name_the_setting(tmp_path):
 
 
 def test_demo_makes_the_default_cohort(tmp_path):
-    env = {'RWID_DATA_ROOT': tmp_path/'data', 'RWID_DEMO_STUDIES': '12', 'RWID_SECRET_FILE': tmp_path/'secret'}
-    r = run('demo', '--quiet', env=env)
+    env = {'RWID_DATA_ROOT': tmp_path/'data', 'RWID_RUNS_ROOT': tmp_path/'runs', 'RWID_DEMO_STUDIES': '60',
+           'RWID_SECRET_FILE': tmp_path/'secret', 'WANDB_MODE': 'offline'}
+    r = run('demo', '--quiet', '--train-epochs', 1, '--train-size', 64, env=env)
     assert r.returncode == 0, r.stderr
     assert (tmp_path/'data'/'phantom'/'default'/'cohort.json').is_file()
-    assert 'phantom cohort: 12 studies' in r.stdout
+    assert 'phantom cohort: 60 studies' in r.stdout
+    # both training stages ran and left loadable model folders, tracked offline
+    assert '(a) baseline' in r.stdout and '(b) RWiD fine-tuning' in r.stdout and 'baseline -> fine-tuned' in r.stdout
+    for stage in ('baseline', 'finetune'):
+        run_dir = tmp_path/'runs'/'demo'/stage
+        assert (run_dir/'checkpoints'/'best'/'model.safetensors').is_file(), stage
+        assert list((run_dir/'wandb').glob('offline-run-*')), stage
+    ft = json.loads((tmp_path/'runs'/'demo'/'finetune'/'config.json').read_text())
+    assert ft['init_from'] == str(tmp_path/'runs'/'demo'/'baseline'/'checkpoints'/'best') and ft['mode'] == 'lora'
     assert (tmp_path/'data'/'phantom'/'default_index'/'studies.parquet').is_file()
     assert 'per site:' in r.stdout and 'split_phantom_default.v1.parquet' in r.stdout
-    r2 = run('demo', '--quiet', env=env)
+    r2 = run('demo', '--quiet', '--train-epochs', 1, '--train-size', 64, env=env)
     assert r2.returncode == 0 and 'reusing' in r2.stdout
 
 

@@ -3,6 +3,7 @@ linked into one delivery folder. Accounting, corruption reasons, kill -9 and res
 hostile files and PHI-freedom of every Parquet file written."""
 import os, re, sys, json, time, shutil, signal, subprocess
 from pathlib import Path
+import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -288,3 +289,30 @@ def test_reports_linked_by_folder_and_study_uid(tmp_path):
     # 'siteA' holds three studies, so it links none of them; 'NOT-A-STUDY' matches nothing
     assert res['reports_linked'] == 3 and res['reports_unmatched'] == 2
     assert query(out, 'SELECT count(*) AS n FROM studies WHERE report_available').n[0] == 3
+
+
+TIGHT, MEM = '48MB', "SELECT current_setting('memory_limit')"
+
+
+def test_tight_memory_limit_gives_the_same_manifests(phantom, tmp_path, monkeypatch):
+    "Under a tight DuckDB memory limit, sorting a few rows at a time, the manifests (and a rerun's) equal a default run's."
+    # (the damaged, PHI-leaking phantom of this file: duplicates, quarantine, findings and reports all take part)
+    import rwid_nb.data.index as ix
+    kw = dict(workers=2, reports=phantom/'reports.csv', secret=SECRET, progress=False, chunk_size=64)
+    ref = index_dicom(phantom/'dicom', tmp_path/'default', **kw)
+    monkeypatch.setattr(ix, 'DUCKDB_MEMORY_LIMIT', TIGHT)
+    monkeypatch.setattr(ix, 'SORT_ROWS', 97)  # every table written in many key ranges
+    con, plain = ix._connect(tmp_path, 2), duckdb.connect(config={'memory_limit': TIGHT})
+    assert con.execute(MEM).fetchall() == plain.execute(MEM).fetchall() != duckdb.connect().execute(MEM).fetchall()
+    con.close(); plain.close()
+    out = tmp_path/'tight'
+    res = index_dicom(phantom/'dicom', out, **kw)
+    assert res['files_seen'] == ref['files_seen'] > 500 and res['audit'] == ref['audit']
+    assert_same_manifests(out, tmp_path/'default')
+    assert pq.ParquetFile(out/'instances.parquet').metadata.num_row_groups >= res['indexed'] // 97
+    # a rerun finds nothing new and compacts the records again, through the same ranged writer: still sorted, same tables
+    again = index_dicom(phantom/'dicom', out, **kw)
+    assert again['scanned'] == 0 and again['reused'] == ref['files_seen']
+    paths = pq.read_table(out/'.parts'/'scan-0-of-1.parquet', columns=['path'])['path'].to_pylist()
+    assert paths == sorted(paths) and len(paths) == ref['files_seen']
+    assert_same_manifests(out, tmp_path/'default')

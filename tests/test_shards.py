@@ -91,6 +91,26 @@ def test_setting_change_rebuilds_only_what_depends_on_it(indexed, built, tmp_pat
     finally: f.write_bytes(data)
 
 
+def test_touched_files_and_a_lost_hash_cache_rebuild_nothing(indexed, built, tmp_path):
+    "Workers hash new or changed files themselves: a touched file (same bytes) or no hash cache at all gives the same keys."
+    out = tmp_path/'shards'
+    shutil.copytree(built[0], out)
+    before = read_index(out).set_index('item_key')
+    root = Path(json.loads((indexed/'idx'/'index.json').read_text())['root'])
+    items = plan_items(indexed/'idx').set_index('item_key')
+    touched = [root/items.files[k][0] for k in (before.index[before.kind == '3d'][0], before.index[before.kind == '2d'][0])]
+    for f in touched: os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
+    res = preprocess(indexed/'idx', out, workers=2, progress=False)
+    assert (res['built'], res['reused'], res['pending']) == (0, len(before), 0)
+    hashes = pd.read_parquet(out/'.filehash-0-of-1.parquet').set_index('path')
+    assert all(hashes.mtime_ns[str(f.relative_to(root))] == f.stat().st_mtime_ns for f in touched)  # the cache knows them now
+    (out/'.filehash-0-of-1.parquet').unlink()
+    res = preprocess(indexed/'idx', out, workers=1, progress=False)
+    assert (res['built'], res['reused'], res['pending']) == (0, len(before), 0)
+    after = read_index(out).set_index('item_key')
+    assert (after.cache_key == before.cache_key[after.index]).all() and len(after) == len(before)
+
+
 def test_corrupt_or_truncated_shard_is_an_error_naming_it(built, tmp_path):
     out = tmp_path/'shards'
     shutil.copytree(built[0], out)

@@ -195,11 +195,12 @@ def label_matrix(rows:pd.DataFrame, # index rows
     if not names: return np.zeros((len(rows), 0), np.float32)
     return np.stack([pd.to_numeric(rows[c], errors='coerce').astype('Float32').to_numpy(np.float32, na_value=np.nan) for c in names], 1)
 
-def _select(index, split, kind, modalities):
-    "Positions of the rows of `index` in `split` (None: all; a list: any of them), of the dataset `kind`, in `modalities`."
+def _select(index, split, kind, modalities, sites=None):
+    "Positions of the rows of `index` in `split` (None: all; a list: any of them), of the dataset `kind`, in `modalities` and `sites`."
     keep = index.kind.eq('2d' if kind == '2d' else '3d')
     if split is not None: keep &= index.split.isin([split] if isinstance(split, str) else list(split))
     if modalities is not None: keep &= index.modality.isin(list(modalities))
+    if sites is not None: keep &= index.site_id.isin([sites] if isinstance(sites, str) else list(sites))
     return np.flatnonzero(keep.to_numpy())
 
 # %% ../../nbs/16_data.dataset.ipynb #c032
@@ -214,6 +215,7 @@ class ImageReportDataset(Dataset):
                  channels:int=3,              # 2d: output channels (1 grey, or 3 for RGB towers); 2.5d: `slices`; 3d: 1
                  slices:int=3,                # 2.5d: consecutive slices stacked as channels
                  modalities:list|None=None,   # keep only these modalities (default: all)
+                 sites:list|None=None,        # keep only these sites (default: all)
                  reader:ShardReader|None=None, # an open reader (default: `ShardReader(shards_dir)`)
                  normalize:bool=True,         # 2d/2.5d: ImageNet mean/std (False: values in [0, 1])
                 ):
@@ -224,9 +226,9 @@ class ImageReportDataset(Dataset):
         self.channels, self.slices, self.normalize, self.split = channels, slices, normalize, split
         self.reader = reader if reader is not None else ShardReader(shards_dir)
         idx = self.reader.index
-        self._pos = _select(idx, split, kind, modalities)
+        self._pos = _select(idx, split, kind, modalities, sites)
         if not len(self._pos):
-            raise ValueError(f"{self.dir}: no {kind} items (split={split!r}, modalities={modalities!r}) among its {len(idx)} items")
+            raise ValueError(f"{self.dir}: no {kind} items (split={split!r}, modalities={modalities!r}, sites={sites!r}) among its {len(idx)} items")
         rows = idx.iloc[self._pos]
         self.label_names = label_columns(idx)
         self._labels = label_matrix(rows, self.label_names)
@@ -286,7 +288,7 @@ def __getitem__(self:ImageReportDataset, i:int) -> dict:
     return dict(image=t, caption=cap if isinstance(cap, str) else '', labels=torch.from_numpy(self._labels[i].copy()),
                 item_key=str(m['item_key']), study_key=str(m['study_key']), modality=str(m['modality']), index=int(i))
 
-# %% ../../nbs/16_data.dataset.ipynb #c044
+# %% ../../nbs/16_data.dataset.ipynb #c046
 class ResumableSampler(Sampler):
     "The order of one epoch: a (seed, epoch) permutation, split across replicas, resumable at `start`."
     def __init__(self, n:int,              # number of items in the dataset
@@ -320,7 +322,7 @@ class ResumableSampler(Sampler):
     def __iter__(self): return iter(self.order()[self.start:].tolist())
     def __len__(self): return self.num_samples - self.start
 
-# %% ../../nbs/16_data.dataset.ipynb #c046
+# %% ../../nbs/16_data.dataset.ipynb #c048
 @patch
 def set_epoch(self:ResumableSampler, epoch:int):
     "Move to `epoch`, from its start (a resumed epoch keeps its `start` if it is the same epoch)."
@@ -343,7 +345,7 @@ def load_state_dict(self:ResumableSampler, state:dict):
     self.seed, self.epoch = int(state['seed']), int(state['epoch'])
     self.start = self._check_start(state['start'])
 
-# %% ../../nbs/16_data.dataset.ipynb #c049
+# %% ../../nbs/16_data.dataset.ipynb #c051
 def collate_items(items:list, # dicts from `ImageReportDataset.__getitem__`
                  ) -> dict:
     "A batch: `image` and `labels` stacked, `index` as a tensor, captions and keys as lists of str."
@@ -365,7 +367,7 @@ def _world(num_replicas, rank):
     return (num_replicas if num_replicas is not None else (d.get_world_size() if on else 1),
             rank if rank is not None else (d.get_rank() if on else 0))
 
-# %% ../../nbs/16_data.dataset.ipynb #c050
+# %% ../../nbs/16_data.dataset.ipynb #c052
 def make_loader(dataset:Dataset,     # e.g. an `ImageReportDataset`
                 batch_size:int,      # items per batch (per rank)
                 workers:int=2,       # DataLoader worker processes (0: in this process)

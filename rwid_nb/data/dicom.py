@@ -4,7 +4,7 @@
 
 # %% ../../nbs/10_data.dicom.ipynb #c003
 from __future__ import annotations
-import os, math
+import io, os, math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 # %% auto #0
 __all__ = ['PIXEL_KEYWORDS', 'VOI_FUNCTIONS', 'WINDOW_PRESETS', 'SERIES_ISSUES', 'ORIENTATION_TOLERANCE',
            'DUPLICATE_TOLERANCE_MM', 'TILT_TOLERANCE_DEG', 'missing_decoder', 'DecoderMissingError', 'PixelDataError',
-           'SeriesGeometryError', 'apply_window', 'Window', 'Image', 'read_instance', 'file_window',
+           'SeriesGeometryError', 'read_file', 'apply_window', 'Window', 'Image', 'read_instance', 'file_window',
            'percentile_window', 'Volume', 'load_series', 'resample']
 
 # %% ../../nbs/10_data.dicom.ipynb #c006
@@ -44,37 +44,73 @@ class SeriesGeometryError(ValueError):
 # %% ../../nbs/10_data.dicom.ipynb #c012
 PIXEL_KEYWORDS = ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')
 
+def read_file(path:str|Path,         # the file (named in messages, and the dataset's `filename`)
+              data:bytes|None=None,  # its bytes, if they have been read already
+              header_only:bool=False, # stop before the pixel data
+             ) -> Dataset:
+    "The DICOM file at `path` as a dataset (parsed from `data` when given); a file that is not DICOM raises `PixelDataError`."
+    p = Path(path)
+    try: ds = pydicom.dcmread(p if data is None else io.BytesIO(data), stop_before_pixels=header_only)
+    except OSError: raise  # missing file, permissions: the OS error is the clear one
+    except Exception as e:
+        raise PixelDataError(f"{p.name}: not a readable DICOM file ({type(e).__name__})") from e
+    if data is not None: ds.filename = str(p)
+    return ds
+
 def _open(src, header_only=False):
     "(dataset, name for messages) from a path or a dataset; unreadable files raise `PixelDataError`."
     if isinstance(src, Dataset):
         fn = getattr(src, 'filename', None)
         return src, (Path(fn).name if isinstance(fn, (str, os.PathLike)) and str(fn) else '<dataset>')
-    p = Path(src)
-    try: return pydicom.dcmread(p, stop_before_pixels=header_only), p.name
-    except OSError: raise  # missing file, permissions: the OS error is the clear one
-    except Exception as e:
-        raise PixelDataError(f"{p.name}: not a readable DICOM file ({type(e).__name__})") from e
+    return read_file(src, header_only=header_only), Path(src).name
 
 def _why(e:Exception) -> str:
     "One line from an exception (pydicom's plugin errors span several)."
     return f"{type(e).__name__}: " + ' / '.join(l.strip() for l in str(e).splitlines() if l.strip())[:400]
 
-# %% ../../nbs/10_data.dicom.ipynb #c014
+# %% ../../nbs/10_data.dicom.ipynb #c015
+_TAGS = {}
+_RAW = pydicom.dataelem.RawDataElement
+_PLAIN_TEXT = frozenset({'CS', 'UI', 'SH', 'LO'})
+_VRS = {}
+
+def _get(ds, keyword):
+    "`ds.get(keyword)`: from the raw bytes for one plain value of a CS/UI/SH/LO/US/IS element, else through pydicom."
+    tag = _TAGS.get(keyword) or _TAGS.setdefault(keyword, pydicom.datadict.tag_for_keyword(keyword))
+    try: el = ds._dict.get(tag)  # the store `Dataset.get_item` reads; an absent element costs one lookup
+    except AttributeError: return ds.get(keyword)
+    if el is None: return None
+    if type(el) is _RAW and (v := el.value):   # not converted yet (an empty or deferred value: pydicom)
+        vr = el.VR or _VRS.get(tag) or _VRS.setdefault(tag, pydicom.datadict.dictionary_VR(tag))  # implicit VR: the dictionary's
+        if vr in _PLAIN_TEXT:
+            if v.isascii() and b'\\' not in v and b'\x1b' not in v: return v.decode('ascii').rstrip(' \x00')
+        elif vr == 'US':
+            if len(v) == 2: return int.from_bytes(v, 'little' if el.is_little_endian else 'big')
+        elif vr == 'IS' and v.strip(b' ').lstrip(b'+-').isdigit(): return int(v)
+    return ds.get(keyword)
+
+def _has(ds, keyword):
+    "`keyword in ds`, without pydicom's per-call conversions."
+    tag = _TAGS.get(keyword) or _TAGS.setdefault(keyword, pydicom.datadict.tag_for_keyword(keyword))
+    try: return tag in ds._dict
+    except AttributeError: return keyword in ds
+
+# %% ../../nbs/10_data.dicom.ipynb #c018
 def _transfer_syntax(ds, name):
     ts = ds.file_meta.get('TransferSyntaxUID') if hasattr(ds, 'file_meta') else None
     if not ts: raise PixelDataError(f"{name}: the file meta has no (0002,0010) Transfer Syntax UID; its pixel data cannot be interpreted")
     return dcm_uid.UID(str(ts))
 
 def _n_frames(ds, name):
-    try: return max(1, int(ds.get('NumberOfFrames') or 1))
+    try: return max(1, int(_get(ds, 'NumberOfFrames') or 1))
     except (TypeError, ValueError) as e: raise PixelDataError(f"{name}: (0028,0008) Number of Frames is not an integer") from e
 
 _VIEW_SAFE = (dcm_uid.ExplicitVRLittleEndian, dcm_uid.ImplicitVRLittleEndian)
 
 def _view_safe(ds, ts):
     "Whether pydicom can hand back a view on native pixel data without skipping a step (its `view_only` caveats)."
-    return (ts in _VIEW_SAFE and 'PixelData' in ds and ds.get('BitsAllocated') in (8, 16, 32)
-            and str(ds.get('PhotometricInterpretation') or '').strip() in ('MONOCHROME1', 'MONOCHROME2', 'RGB', 'PALETTE COLOR'))
+    return (ts in _VIEW_SAFE and _has(ds, 'PixelData') and _get(ds, 'BitsAllocated') in (8, 16, 32)
+            and str(_get(ds, 'PhotometricInterpretation') or '').strip() in ('MONOCHROME1', 'MONOCHROME2', 'RGB', 'PALETTE COLOR'))
 
 def _clear_unused_bits(arr, props):
     "PS3.5 8.1.1: bits above Bits Stored are not pixel data. Copy and clear (sign-extend) them only if any is set."
@@ -102,12 +138,12 @@ def _decode(ds, name, ts, index=None):
                                       f"install one of: {'; '.join(dec.missing_dependencies)}") from e
         raise PixelDataError(f"{name}: cannot decode its {ts.name} pixel data ({_why(e)})") from e
 
-# %% ../../nbs/10_data.dicom.ipynb #c019
+# %% ../../nbs/10_data.dicom.ipynb #c023
 def _fg_item(ds, frame, seq):
     "First item of functional-group sequence `seq` for `frame`: per-frame, then shared; None if absent."
     for groups_kw, i in (('PerFrameFunctionalGroupsSequence', frame), ('SharedFunctionalGroupsSequence', 0)):
-        groups = ds.get(groups_kw)
-        if groups and i is not None and i < len(groups) and (s := groups[i].get(seq)): return s[0]
+        groups = _get(ds, groups_kw)
+        if groups and i is not None and i < len(groups) and (s := _get(groups[i], seq)): return s[0]
     return None
 
 def _num(v, default=None):
@@ -116,7 +152,6 @@ def _num(v, default=None):
     if isinstance(v, (list, tuple, pydicom.multival.MultiValue)): v = v[0] if len(v) else None
     return default if v is None or v == '' else float(v)
 
-_TAGS = {}
 def _dsv(ds, keyword):
     "A DS/IS element's values as floats; None if absent, empty or not numbers."
     tag = _TAGS.get(keyword) or _TAGS.setdefault(keyword, pydicom.datadict.tag_for_keyword(keyword))
@@ -137,33 +172,36 @@ def _rescale(ds, frame=0):
     for src in (_fg_item(ds, frame, 'PixelValueTransformationSequence'), ds):
         if src is None: continue
         s, b = _dsv(src, 'RescaleSlope'), _dsv(src, 'RescaleIntercept')
-        if s or b: return (s[0] if s else 1.0), (b[0] if b else 0.0), str(src.get('RescaleType') or '')
+        if s or b: return (s[0] if s else 1.0), (b[0] if b else 0.0), str(_get(src, 'RescaleType') or '')
     return None
 
-# %% ../../nbs/10_data.dicom.ipynb #c025
+# %% ../../nbs/10_data.dicom.ipynb #c029
 def _stored_range(arr, props):
     "The values the stored pixels can take (from Bits Stored and Pixel Representation; the data's own for float pixels)."
     if arr.dtype.kind == 'f': return float(np.nanmin(arr)), float(np.nanmax(arr))
     bits = int(props.get('bits_stored') or 8*arr.dtype.itemsize)
     return (-(2**(bits - 1)), 2**(bits - 1) - 1) if int(props.get('pixel_representation') or 0) else (0, 2**bits - 1)
 
-def _affine(arr, a, c):
-    "New float32 array `a*arr + c`, converted and computed in as few passes over memory as numpy allows."
+def _affine(arr, a, c, out=None):
+    "`a*arr + c` as a new float32 array (or into `out`), converted and computed in as few passes over memory as numpy allows."
     a, c = np.float32(a), np.float32(c)
-    if a == 1: return np.add(arr, c, dtype=np.float32) if c else arr.astype(np.float32)
-    if a == -1: return np.subtract(c, arr, dtype=np.float32)
-    px = np.multiply(arr, a, dtype=np.float32)
+    if a == 1:
+        if c: return np.add(arr, c, dtype=np.float32, out=out)
+        if out is None: return arr.astype(np.float32)
+        out[...] = arr; return out
+    if a == -1: return np.subtract(c, arr, dtype=np.float32, out=out)
+    px = np.multiply(arr, a, dtype=np.float32, out=out)
     if c: px += c
     return px
 
-def _modality(arr, ds, frame_ids, props, invert=False):
-    "(float32 physical values, per-frame (lo, hi) ranges, rescale type, steps); `arr` has a leading frame axis."
+def _modality(arr, ds, frame_ids, props, invert=False, out=None):
+    "(float32 physical values (in `out` if given), per-frame (lo, hi) ranges, rescale type, steps); `arr` has a leading frame axis."
     lo_s, hi_s = _stored_range(arr, props)
-    if ds.get('ModalityLUTSequence'):
+    if _get(ds, 'ModalityLUTSequence'):
         from pydicom.pixels import apply_modality_lut
         item = ds.ModalityLUTSequence[0]
         top = float(2**int(item.LUTDescriptor[2]) - 1)
-        px = _affine(apply_modality_lut(arr, ds), -1 if invert else 1, top if invert else 0)
+        px = _affine(apply_modality_lut(arr, ds), -1 if invert else 1, top if invert else 0, out)
         return px, [(0.0, top)]*len(frame_ids), str(item.get('ModalityLUTType') or ''), \
                ['modality_lut_sequence'] + (['invert_monochrome1'] if invert else [])
     rescales = [_rescale(ds, f) for f in frame_ids]
@@ -171,26 +209,26 @@ def _modality(arr, ds, frame_ids, props, invert=False):
     ranges = [tuple(sorted((lo_s*s + b, hi_s*s + b))) for s, b in pairs]
     # MONOCHROME1: lo + hi - (s*x + b) = -s*x + (lo + hi - b), the same single affine map
     maps = [(-s, lo + hi - b) if invert else (s, b) for (s, b), (lo, hi) in zip(pairs, ranges)]
-    if len(set(maps)) == 1: px = _affine(arr, *maps[0])
-    else: px = np.stack([_affine(arr[k], *m) for k, m in enumerate(maps)])
+    if len(set(maps)) == 1: px = _affine(arr, *maps[0], out=out)
+    else: px = np.stack([_affine(arr[k], *m) for k, m in enumerate(maps)], out=out)
     rtype = next((r[2] for r in rescales if r and r[2]), '')
     steps = [] if all(r is None for r in rescales) else ['rescale' if len(set(pairs)) == 1 else 'per_frame_rescale']
     return px, ranges, rtype, steps + (['invert_monochrome1'] if invert else [])
 
-# %% ../../nbs/10_data.dicom.ipynb #c030
+# %% ../../nbs/10_data.dicom.ipynb #c034
 def _to_rgb(arr, ds, pi, name):
     "(RGB array, value range, steps) for colour pixel data whose decoded photometric interpretation is `pi`."
     from pydicom.pixels import apply_color_lut, convert_color_space
     if pi == 'PALETTE COLOR':
         rgb = apply_color_lut(arr, ds)
         return rgb, (0.0, float(np.iinfo(rgb.dtype).max)), ['palette_to_rgb']
-    top = float(2**int(ds.get('BitsStored') or 8*arr.dtype.itemsize) - 1)
+    top = float(2**int(_get(ds, 'BitsStored') or 8*arr.dtype.itemsize) - 1)
     if pi in ('YBR_FULL', 'YBR_FULL_422'): return convert_color_space(arr, pi, 'RGB'), (0.0, top), ['ybr_to_rgb']
     if pi == 'RGB': return arr, (0.0, top), []
     raise PixelDataError(f"{name}: photometric interpretation {pi!r} is not supported (MONOCHROME1/2, RGB, YBR_FULL, "
                          "YBR_FULL_422, PALETTE COLOR and JPEG 2000's YBR_ICT/YBR_RCT are)")
 
-# %% ../../nbs/10_data.dicom.ipynb #c033
+# %% ../../nbs/10_data.dicom.ipynb #c037
 def _floats(ds, keyword, n):
     "The `n` values of a DS element as a float array, else None (absent, wrong count, not finite)."
     v = _dsv(ds, keyword) if ds is not None else None
@@ -204,7 +242,7 @@ def _pixel_spacing(ds, frame=0):
         sp = _floats(src, key, 2)
         if sp is not None and (sp > 0).all(): return (float(sp[0]), float(sp[1])), key
     deltas = set()
-    for r in ds.get('SequenceOfUltrasoundRegions') or []:
+    for r in _get(ds, 'SequenceOfUltrasoundRegions') or []:
         if r.get('RegionSpatialFormat') != 1: continue  # 1 = 2D tissue or colour flow; M-mode, spectra, ... have other axes
         if r.get('PhysicalUnitsXDirection') != 3 or r.get('PhysicalUnitsYDirection') != 3: return None, 'none'  # 3 = cm
         dy, dx = _num(r.get('PhysicalDeltaY')), _num(r.get('PhysicalDeltaX'))
@@ -220,7 +258,7 @@ def _plane(ds, frame=0):
     iop = _floats(ori if ori is not None else ds, 'ImageOrientationPatient', 6)
     return ipp, iop
 
-# %% ../../nbs/10_data.dicom.ipynb #c036
+# %% ../../nbs/10_data.dicom.ipynb #c040
 VOI_FUNCTIONS = ('LINEAR', 'LINEAR_EXACT', 'SIGMOID')
 
 def apply_window(pixels:np.ndarray,    # physical values (e.g. HU)
@@ -241,7 +279,7 @@ def apply_window(pixels:np.ndarray,    # physical values (e.g. HU)
     y = (x - np.float32(c)) * np.float32(1 / w) + np.float32(0.5)
     return np.clip(y, 0, 1, out=y)
 
-# %% ../../nbs/10_data.dicom.ipynb #c040
+# %% ../../nbs/10_data.dicom.ipynb #c044
 @dataclass(eq=False)
 class Window:
     "A VOI transformation: a centre/width window (PS3.3 C.11.2.1.2) or a VOI LUT table; `apply` maps into [0, 1]."
@@ -266,7 +304,7 @@ class Window:
         what = f"VOI LUT of {len(self.lut[1])} entries" if self.lut is not None else f"c={self.center:g} w={self.width:g} {self.function}"
         return f"Window({what}{', ' + repr(self.explanation) if self.explanation else ''}{', mirrored' if self.mirror is not None else ''})"
 
-# %% ../../nbs/10_data.dicom.ipynb #c042
+# %% ../../nbs/10_data.dicom.ipynb #c046
 def _lut_table(item, ds):
     "(first value mapped, float32 table, top) from a VOI LUT Sequence item; None if malformed."
     desc = item.get('LUTDescriptor')
@@ -284,7 +322,7 @@ def _lut_table(item, ds):
 def _file_windows(ds, frame=0, mirror=None) -> list:
     "The VOI the file suggests, as `Window`s in the output domain (mirrored when `mirror` = lo + hi is given)."
     out = []
-    for item in ds.get('VOILUTSequence') or []:
+    for item in _get(ds, 'VOILUTSequence') or []:
         if (t := _lut_table(item, ds)) is not None:
             out.append(Window(function='LUT', explanation=str(item.get('LUTExplanation') or ''), lut=t, mirror=mirror))
     group = _fg_item(ds, frame, 'FrameVOILUTSequence')
@@ -292,8 +330,8 @@ def _file_windows(ds, frame=0, mirror=None) -> list:
     def multi(v): return [] if v in (None, '') else (list(v) if isinstance(v, (list, pydicom.multival.MultiValue)) else [v])
     centers, widths = _dsv(src, 'WindowCenter') or [], _dsv(src, 'WindowWidth') or []
     if not centers: return out
-    expl = [str(e) for e in multi(src.get('WindowCenterWidthExplanation'))]
-    fn = str(src.get('VOILUTFunction') or ds.get('VOILUTFunction') or 'LINEAR').strip().upper()
+    expl = [str(e) for e in multi(_get(src, 'WindowCenterWidthExplanation'))]
+    fn = str(_get(src, 'VOILUTFunction') or _get(ds, 'VOILUTFunction') or 'LINEAR').strip().upper()
     if fn not in VOI_FUNCTIONS: fn = 'LINEAR'
     for k, (c, w) in enumerate(zip(centers, widths)):
         if not (w >= 1 if fn == 'LINEAR' else w > 0): continue
@@ -301,7 +339,7 @@ def _file_windows(ds, frame=0, mirror=None) -> list:
         out.append(Window(c, w, fn, expl[k] if k < len(expl) else ''))
     return out
 
-# %% ../../nbs/10_data.dicom.ipynb #c045
+# %% ../../nbs/10_data.dicom.ipynb #c049
 @dataclass(eq=False)
 class Image:
     "One instance's pixels in physical units, with what is needed to display and place them."
@@ -328,7 +366,7 @@ class Image:
         return (f"Image({self.name or '?'}: {self.modality} {self.photometric} {tuple(self.pixels.shape)} {self.units} "
                 f"range={self.value_range} spacing={self.spacing_mm} ({self.spacing_source}) steps={list(self.steps)})")
 
-# %% ../../nbs/10_data.dicom.ipynb #c046
+# %% ../../nbs/10_data.dicom.ipynb #c050
 def _frame_ids(frames, nf, name):
     "(frame indices, decoder index or None) for the `frames` argument of `read_instance`."
     if frames is None: return list(range(nf)), None
@@ -342,52 +380,66 @@ def read_instance(src:str|Path|Dataset,  # a DICOM file or a dataset read with p
                  ) -> Image:
     "Pixels of one instance as float32 physical values (modality LUT, MONOCHROME1 inverted, colour as RGB) plus geometry."
     ds, name = _open(src)
-    if not any(k in ds for k in PIXEL_KEYWORDS): raise PixelDataError(f"{name}: has no pixel data (no (7FE0,0010) Pixel Data)")
+    arr, props, ts, ids, nf = _decoded(ds, name, frames)
+    return _interpret(name, _finish, arr, props, ds, name, ts, ids, nf, frames)
+
+def _decoded(ds, name, frames=None):
+    "(stored array, its Image Pixel properties, transfer syntax, frame indices, number of frames) of `ds`."
+    if not any(_has(ds, k) for k in PIXEL_KEYWORDS): raise PixelDataError(f"{name}: has no pixel data (no (7FE0,0010) Pixel Data)")
     ts = _transfer_syntax(ds, name)
     nf = _n_frames(ds, name)
     ids, index = _frame_ids(frames, nf, name)
-    if index is not None or frames is None: arr, props = _decode(ds, name, ts, index)
-    else:
-        decoded = [_decode(ds, name, ts, i) for i in ids]
-        arr, props = np.stack([a for a, _ in decoded]), decoded[0][1]
-    try: return _finish(arr, props, ds, name, ts, ids, nf, frames)
+    if index is not None or frames is None: return (*_decode(ds, name, ts, index), ts, ids, nf)
+    decoded = [_decode(ds, name, ts, i) for i in ids]
+    return np.stack([a for a, _ in decoded]), decoded[0][1], ts, ids, nf
+
+def _interpret(name, f, *args, **kw):
+    "`f(*args, **kw)`, the processing after decoding: any surprise in a header becomes one clear `PixelDataError`."
+    try: return f(*args, **kw)
     except (DecoderMissingError, PixelDataError): raise
     except MemoryError: raise
     except Exception as e: raise PixelDataError(f"{name}: cannot interpret its pixel data ({_why(e)})") from e
 
-def _finish(arr, props, ds, name, ts, ids, nf, frames):
-    "The processing after decoding (kept apart so any surprise in a header becomes one clear `PixelDataError`)."
-    pi_in = str(ds.get('PhotometricInterpretation') or '').strip().upper()
+def _values(arr, props, ds, name, ids, out=None):
+    "(pixels, photometric as stored, as returned, value range, units, steps, MONOCHROME1 mirror) of decoded `arr`."
+    pi_in = str(_get(ds, 'PhotometricInterpretation') or '').strip().upper()
     pi = str(props.get('photometric_interpretation') or pi_in).strip().upper()
-    modality = str(ds.get('Modality') or '')
     stacked = arr if arr.ndim - (3 if int(props.get('samples_per_pixel') or 1) > 1 else 2) == 1 else arr[None]
-    steps, windows, padding = [], [], None
+    mirror = None
     if pi in ('MONOCHROME1', 'MONOCHROME2'):
-        px, ranges, rtype, steps = _modality(stacked, ds, ids, props, invert=pi == 'MONOCHROME1')
-        mirror = ranges[0][0] + ranges[0][1] if pi == 'MONOCHROME1' else None
-        windows = _file_windows(ds, ids[0], mirror)
-        units = 'HU' if modality == 'CT' else (rtype or 'US')
-        value_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))
-        if (pv := ds.get('PixelPaddingValue')) is not None and not ds.get('ModalityLUTSequence'):
-            s, b = (_rescale(ds, ids[0]) or (1.0, 0.0, ''))[:2]
-            padding = _num(pv)*s + b
-            if mirror is not None: padding = mirror - padding
-        out_pi = 'MONOCHROME2'
+        px, ranges, rtype, steps = _modality(stacked, ds, ids, props, pi == 'MONOCHROME1',
+                                             None if out is None else out.reshape(stacked.shape))
+        if pi == 'MONOCHROME1': mirror = ranges[0][0] + ranges[0][1]
+        units = 'HU' if str(_get(ds, 'Modality') or '') == 'CT' else (rtype or 'US')
+        value_range, out_pi = (min(r[0] for r in ranges), max(r[1] for r in ranges)), 'MONOCHROME2'
     else:
         rgb, value_range, steps = _to_rgb(stacked, ds, pi, name)
         px, units, out_pi = rgb.astype(np.float32, copy=False), 'US', 'RGB'
         if px is stacked or px.base is stacked: px = px.copy()  # never hand out pydicom's buffer
     if stacked is not arr: px = px[0]
+    if out is not None and not np.may_share_memory(px, out): out[...] = px; px = out
     if pi_in != pi and pi_in.startswith('YBR'): steps = ['ybr_to_rgb_by_decoder'] + steps
+    return px, pi_in, out_pi, value_range, units, steps, mirror
+
+def _finish(arr, props, ds, name, ts, ids, nf, frames, out=None):
+    "The `Image` of decoded `arr`: physical values (written into `out` if given), the file's windows and geometry."
+    px, pi_in, out_pi, value_range, units, steps, mirror = _values(arr, props, ds, name, ids, out)
+    windows, padding = [], None
+    if out_pi == 'MONOCHROME2':
+        windows = _file_windows(ds, ids[0], mirror)
+        if (pv := _get(ds, 'PixelPaddingValue')) is not None and not _get(ds, 'ModalityLUTSequence'):
+            s, b = (_rescale(ds, ids[0]) or (1.0, 0.0, ''))[:2]
+            padding = _num(pv)*s + b
+            if mirror is not None: padding = mirror - padding
     sp, sp_src = _pixel_spacing(ds, ids[0])
     planes = [_plane(ds, i) for i in ids] if nf > 1 else [_plane(ds)]
-    per_frame = nf == 1 or bool(ds.get('PerFrameFunctionalGroupsSequence'))  # else one position for all frames: not theirs
+    per_frame = nf == 1 or bool(_get(ds, 'PerFrameFunctionalGroupsSequence'))  # else one position for all frames: not theirs
     positions = np.stack([p[0] for p in planes]) if per_frame and all(p[0] is not None for p in planes) else None
-    return Image(px, out_pi, sp, sp_src, modality, units, tuple(float(v) for v in value_range), windows, pi_in, str(ts),
-                 tuple(ids) if nf > 1 or frames is not None else None, positions, planes[0][1], padding, tuple(steps),
-                 str(ds.get('SOPInstanceUID') or ''), str(ds.get('SeriesInstanceUID') or ''), name)
+    return Image(px, out_pi, sp, sp_src, str(_get(ds, 'Modality') or ''), units, tuple(float(v) for v in value_range), windows,
+                 pi_in, str(ts), tuple(ids) if nf > 1 or frames is not None else None, positions, planes[0][1], padding,
+                 tuple(steps), str(_get(ds, 'SOPInstanceUID') or ''), str(_get(ds, 'SeriesInstanceUID') or ''), name)
 
-# %% ../../nbs/10_data.dicom.ipynb #c056
+# %% ../../nbs/10_data.dicom.ipynb #c060
 WINDOW_PRESETS = {name: Window(c, w, 'LINEAR', name) for name, (c, w) in {
     'lung': (-600, 1500), 'mediastinum': (50, 350), 'soft_tissue': (40, 400), 'liver': (30, 150),
     'bone': (400, 1800), 'brain': (40, 80)}.items()}
@@ -427,7 +479,7 @@ def percentile_window(pixels:np.ndarray,  # physical values
     if not b > a: b = a + 1.0
     return Window((a + b)/2, b - a, 'LINEAR_EXACT', f"percentile {lo:g}-{hi:g}")
 
-# %% ../../nbs/10_data.dicom.ipynb #c064
+# %% ../../nbs/10_data.dicom.ipynb #c068
 SERIES_ISSUES = ('mixed_series', 'mixed_size', 'missing_geometry', 'mixed_orientation', 'duplicate_slices',
                  'missing_slices', 'inconsistent_spacing', 'gantry_tilt', 'single_slice')
 ORIENTATION_TOLERANCE = 1e-3   # max difference of direction cosines treated as the same orientation
@@ -468,11 +520,12 @@ class Volume:
         return (f"Volume({self.modality} {tuple(self.pixels.shape)} {self.units} spacing={tuple(round(s, 4) for s in self.spacing_mm)} "
                 f"issues={self.issues})")
 
-# %% ../../nbs/10_data.dicom.ipynb #c066
+# %% ../../nbs/10_data.dicom.ipynb #c070
 @dataclass(eq=False)
 class _Slice:
     src: object; ds: Dataset; label: str; frame: int|None; ipp: np.ndarray|None; iop: np.ndarray|None
     shape: tuple; spacing: tuple|None; number: float; sop: str; tilt: float
+    name: str = ''; nf: int = 1; grey: bool = False  # file name for messages, frames in the file, MONOCHROME1/2
 
 def _series_slices(srcs):
     out = []
@@ -481,17 +534,18 @@ def _series_slices(srcs):
         label = str(s) if not isinstance(s, Dataset) else (str(getattr(s, 'filename', '') or '') or f"<dataset {k}>")
         nf = _n_frames(ds, name)
         try:
-            shape = (int(ds.Rows), int(ds.Columns), int(ds.get('SamplesPerPixel') or 1))
-            number = _num(ds.get('InstanceNumber'), math.inf)
+            shape = (int(_get(ds, 'Rows')), int(_get(ds, 'Columns')), int(_get(ds, 'SamplesPerPixel') or 1))
+            number = _num(_get(ds, 'InstanceNumber'), math.inf)
         except (AttributeError, TypeError, ValueError) as e: raise PixelDataError(f"{name}: broken Image Pixel attributes ({_why(e)})") from e
         tilt = (_dsv(ds, 'GantryDetectorTilt') or [0.0])[0]
-        frames = range(nf) if nf > 1 and ds.get('PerFrameFunctionalGroupsSequence') else [None]
+        grey = str(_get(ds, 'PhotometricInterpretation') or '').strip().upper() in ('MONOCHROME1', 'MONOCHROME2')
+        frames = range(nf) if nf > 1 and _get(ds, 'PerFrameFunctionalGroupsSequence') else [None]
         for f in frames:
             ipp, iop = _plane(ds, f if f is not None else 0)
             if nf > 1 and f is None: ipp = None  # one position for many frames: not a slice position each
             sp = _pixel_spacing(ds, f if f is not None else 0)[0]
             out.append(_Slice(s, ds, label if f is None else f"{label}#{f}", f, ipp, iop, shape, sp, number,
-                              str(ds.get('SOPInstanceUID') or ''), tilt))
+                              str(_get(ds, 'SOPInstanceUID') or ''), tilt, name, nf, grey))
     return out
 
 def _majority(items, key):
@@ -500,10 +554,10 @@ def _majority(items, key):
     best = max(counts, key=lambda k: (counts[k], -next(i for i, it in enumerate(items) if key(it) == k)))
     return [it for it in items if key(it) == best], [it for it in items if key(it) != best]
 
-# %% ../../nbs/10_data.dicom.ipynb #c068
+# %% ../../nbs/10_data.dicom.ipynb #c072
 def _keep_consistent(items, issues, dropped):
     "The slices of the most common size and orientation that have geometry; records what was left out and why."
-    uids = {str(it.ds.get('SeriesInstanceUID') or '') for it in items}
+    uids = {str(_get(it.ds, 'SeriesInstanceUID') or '') for it in items}
     if len(uids) > 1: issues['mixed_series'] = f"{len(uids)} Series Instance UIDs"
     items, other = _majority(items, lambda it: it.shape)
     if other:
@@ -525,7 +579,7 @@ def _keep_consistent(items, issues, dropped):
         dropped += [(it.label, 'mixed_orientation') for g in groups[1:] for it in g[1]]
     return groups[0][1]
 
-# %% ../../nbs/10_data.dicom.ipynb #c070
+# %% ../../nbs/10_data.dicom.ipynb #c074
 def _sort_along_normal(items, issues, dropped):
     "(slices sorted along the normal without duplicates, unit normal)."
     iop = items[0].iop
@@ -538,7 +592,7 @@ def _sort_along_normal(items, issues, dropped):
     if len(kept) < len(items): issues['duplicate_slices'] = f"{len(items) - len(kept)} slice(s) at an already seen position"
     return kept, n
 
-# %% ../../nbs/10_data.dicom.ipynb #c072
+# %% ../../nbs/10_data.dicom.ipynb #c076
 def _slice_gap(d, tol, issues):
     "The usual gap between sorted slice distances `d` (mm), recording missing slices and inconsistent gaps."
     gaps = np.diff(d); gap = float(np.median(gaps))
@@ -550,7 +604,7 @@ def _slice_gap(d, tol, issues):
     if odd.any(): issues['inconsistent_spacing'] = f"gaps from {gaps.min():.4g} to {gaps.max():.4g} mm (usual {gap:.4g} mm)"
     return gap
 
-# %% ../../nbs/10_data.dicom.ipynb #c075
+# %% ../../nbs/10_data.dicom.ipynb #c079
 def _assess(items, tol):
     "Sorted kept slices, issues {name: detail}, dropped [(label, reason)], normal, orientation, slice spacing, tilt."
     issues, dropped = {}, []
@@ -572,7 +626,7 @@ def _assess(items, tol):
     if tilt > TILT_TOLERANCE_DEG: issues['gantry_tilt'] = f"{tilt:.3g} degrees"
     return kept, issues, dropped, n, kept[0].iop, gap, tilt
 
-# %% ../../nbs/10_data.dicom.ipynb #c076
+# %% ../../nbs/10_data.dicom.ipynb #c080
 def load_series(paths_or_datasets:list,    # the files (paths) or datasets of one series, in any order
                 on_issue:str='flag',         # 'flag': report issues in `Volume.issues`; 'reject': raise SeriesGeometryError
                 spacing_tolerance:float=0.05, # allowed relative deviation of a gap from the usual slice spacing
@@ -581,11 +635,28 @@ def load_series(paths_or_datasets:list,    # the files (paths) or datasets of on
     if on_issue not in ('flag', 'reject'): raise ValueError(f"on_issue must be 'flag' or 'reject', got {on_issue!r}")
     items = _series_slices(list(paths_or_datasets))
     if not items: raise SeriesGeometryError("no instances given: an empty series")
-    uid = str(items[0].ds.get('SeriesInstanceUID') or '<no Series Instance UID>')
+    uid = str(_get(items[0].ds, 'SeriesInstanceUID') or '<no Series Instance UID>')
     kept, issues, dropped, n, iop, gap, tilt = _assess(items, spacing_tolerance)
     names = [i for i in SERIES_ISSUES if i in issues]
     if on_issue == 'reject' and names:
         raise SeriesGeometryError(f"series {uid}: {', '.join(names)} (" + '; '.join(f"{i}: {issues[i]}" for i in names) + ")")
+    vol, first = _stack(kept)
+    pos = np.stack([it.ipp for it in kept]) if kept[0].ipp is not None else np.full((len(kept), 3), np.nan)
+    sp = kept[0].spacing or (math.nan, math.nan)
+    return Volume(vol, pos, np.asarray(iop, float), n, (float(gap), float(sp[0]), float(sp[1])), pos[0].copy(), names,
+                  [it.label for it in kept], {i: issues[i] for i in names}, dropped, uid, first.modality, first.units,
+                  first.windows, float(tilt))
+
+# %% ../../nbs/10_data.dicom.ipynb #c082
+def _stack(kept):
+    "(float32 volume of the sorted slices' physical values, the first slice's `Image`)."
+    if all(it.nf == 1 and it.grey and it.shape[2] == 1 for it in kept):
+        vol = np.empty((len(kept),) + kept[0].shape[:2], np.float32)
+        for k, it in enumerate(kept):
+            arr, props, ts, ids, nf = _decoded(it.ds, it.name)
+            if k == 0: first = _interpret(it.name, _finish, arr, props, it.ds, it.name, ts, ids, nf, None, out=vol[0])
+            else: _interpret(it.name, _values, arr, props, it.ds, it.name, ids, out=vol[k])
+        return vol, first
     cache, first = {}, None
     for k, it in enumerate(kept):
         key = id(it.ds)
@@ -597,13 +668,9 @@ def load_series(paths_or_datasets:list,    # the files (paths) or datasets of on
             first = img
             vol = np.empty((len(kept),) + px.shape, np.float32)
         vol[k] = px
-    pos = np.stack([it.ipp for it in kept]) if kept[0].ipp is not None else np.full((len(kept), 3), np.nan)
-    sp = kept[0].spacing or (math.nan, math.nan)
-    return Volume(vol, pos, np.asarray(iop, float), n, (float(gap), float(sp[0]), float(sp[1])), pos[0].copy(), names,
-                  [it.label for it in kept], {i: issues[i] for i in names}, dropped, uid, first.modality, first.units,
-                  first.windows, float(tilt))
+    return vol, first
 
-# %% ../../nbs/10_data.dicom.ipynb #c086
+# %% ../../nbs/10_data.dicom.ipynb #c092
 def _monai_resample(x, spacing, target_spacing, target_size, mode):
     "MONAI on channel-first `x` with a diagonal affine: (float32 result, MONAI's output affine)."
     import torch
@@ -620,7 +687,7 @@ def _monai_resample(x, spacing, target_spacing, target_size, mode):
         t = Resize(spatial_size=target_size, mode=interp, anti_aliasing=mode != 'nearest')(t)
     return t.as_tensor().numpy().astype(np.float32, copy=False), np.asarray(t.affine, dtype=np.float64)
 
-# %% ../../nbs/10_data.dicom.ipynb #c087
+# %% ../../nbs/10_data.dicom.ipynb #c093
 def resample(volume_or_array:Volume|Image|np.ndarray, # what to resample
              spacing_mm:tuple|None=None,       # its spacing (default: the Volume's or Image's own)
              target_spacing_mm:tuple|None=None, # wanted spacing in mm, one per spatial axis

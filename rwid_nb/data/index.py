@@ -4,10 +4,10 @@
 
 # %% ../../nbs/11_data.index.ipynb #c003
 from __future__ import annotations
-import io, os, re, json, math, stat, time, uuid, hmac, shutil, struct, hashlib, logging, warnings, contextlib, datetime, dataclasses
+import io, os, re, json, math, stat, time, uuid, hmac, shutil, struct, hashlib, logging, warnings, itertools, contextlib, datetime, dataclasses
 from pathlib import Path
 from functools import lru_cache
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, wait, FIRST_COMPLETED
 import multiprocessing as mp
 
 import pyarrow as pa, pyarrow.parquet as pq
@@ -15,6 +15,8 @@ import duckdb
 import pydicom
 from pydicom import uid as dcm_uid
 from pydicom.multival import MultiValue
+from pydicom.filereader import read_preamble, read_dataset
+import pydicom.values
 from tqdm.auto import tqdm
 
 from ..core import atomic_write, stable_seed, patient_token, workspace_secret, get_logger, check_writable_dir
@@ -27,11 +29,12 @@ from .phi import (AuditPolicy, Declaration, DEID_OPTIONS, audit_header, audit_st
 
 # %% auto #0
 __all__ = ['QUARANTINE_REASONS', 'INDEX_VERSION', 'HEAD_BYTES', 'RECORD_SCHEMA', 'INSTANCE_COLUMNS', 'QUARANTINE_COLUMNS',
-           'SERIES_COLUMNS', 'STUDY_COLUMNS', 'REPORT_LINK_COLUMNS', 'TABLES', 'REPORTS_SCHEMA', 'PIXEL_SCHEMA',
-           'PIXEL_FINDINGS_SCHEMA', 'DUCKDB_MEMORY_LIMIT', 'AUDIT_COLUMNS', 'list_files', 'parse_shard', 'path_hash',
-           'dicom_signature', 'age_band', 'site_for', 'read_attributes', 'header_fields', 'expected_native_length',
-           'codestream_size', 'rle_segment_length', 'check_pixel_data', 'audit_fields', 'scan_file', 'manifest_name',
-           'read_reports', 'index_dicom', 'format_accounting', 'query', 'audit_dicom', 'format_audit']
+           'SERIES_COLUMNS', 'STUDY_COLUMNS', 'REPORT_LINK_COLUMNS', 'TABLES', 'SORT_ROWS', 'REPORTS_SCHEMA',
+           'PIXEL_SCHEMA', 'PIXEL_FINDINGS_SCHEMA', 'DUCKDB_MEMORY_LIMIT', 'AUDIT_COLUMNS', 'list_files', 'parse_shard',
+           'path_hash', 'dicom_signature', 'age_band', 'site_for', 'read_attributes', 'header_fields',
+           'expected_native_length', 'codestream_size', 'rle_segment_length', 'check_pixel_data', 'audit_fields',
+           'scan_file', 'manifest_name', 'read_reports', 'index_dicom', 'format_accounting', 'query', 'audit_dicom',
+           'format_audit']
 
 # %% ../../nbs/11_data.index.ipynb #c006
 QUARANTINE_REASONS = {
@@ -49,16 +52,13 @@ INDEX_VERSION = 2  # bump when scanning changes: cached part files of another ve
 _log = get_logger(__name__)
 
 # %% ../../nbs/11_data.index.ipynb #c008
-def list_files(root:Path|str,                 # the delivery folder
-               exclude:Path|str|None=None,    # a folder under `root` to leave out (the manifest folder)
-               stats:dict|None=None,          # if given, receives `link_cycles` and `unreadable_folders` counts
-              ) -> list:
-    "Every file under `root` as sorted `(relative posix path, size, mtime_ns)`; size is -1 when `stat` fails."
+def _walk(root, exclude=None, stats=None):
+    "Yield every file under `root` as `(relative posix path, size, mtime_ns)`, in walk order; size is -1 when `stat` fails."
     root = str(Path(root).resolve())
     ex = os.path.realpath(exclude) if exclude is not None else None
     st = stats if stats is not None else {}
     st.update(link_cycles=0, unreadable_folders=0)
-    out, stack = [], [(root, '', root)]  # (folder as walked, its relative prefix, its real path)
+    stack = [(root, '', root)]  # (folder as walked, its relative prefix, its real path)
     while stack:
         d, prefix, real_d = stack.pop()
         try: entries = list(os.scandir(d))
@@ -78,12 +78,18 @@ def list_files(root:Path|str,                 # the delivery folder
                 else: real = real_d + '/' + e.name
                 if real != ex: stack.append((e.path, rel + '/', real))
                 continue
-            try: s = e.stat(); out.append((rel, int(s.st_size), int(s.st_mtime_ns)))
-            except OSError: out.append((rel, -1, 0))
+            try: s = e.stat(); yield (rel, int(s.st_size), int(s.st_mtime_ns))
+            except OSError: yield (rel, -1, 0)
     if st['link_cycles'] or st['unreadable_folders']:
         _log.warning(f"{st['link_cycles']} folder links into their own ancestors skipped; "
                      f"{st['unreadable_folders']} folders could not be listed under {root}")
-    return sorted(out)
+
+def list_files(root:Path|str,                 # the delivery folder
+               exclude:Path|str|None=None,    # a folder under `root` to leave out (the manifest folder)
+               stats:dict|None=None,          # if given, receives `link_cycles` and `unreadable_folders` counts
+              ) -> list:
+    "Every file under `root` as sorted `(relative posix path, size, mtime_ns)`; size is -1 when `stat` fails."
+    return sorted(_walk(root, exclude, stats))
 
 # %% ../../nbs/11_data.index.ipynb #c014
 def parse_shard(shard:str|tuple|None, # 'i/N', (i, N) or None for the whole delivery
@@ -172,7 +178,11 @@ def _item(ds, kw):
 def age_band(patient_age:str|None, # a DICOM AS value such as '045Y', '018M', '003W', '012D'
             ) -> str|None:
     "The decade band of a DICOM age string ('40-49'; '90+' at 90 and over); None when absent or malformed."
-    m = re.fullmatch(r'\s*(\d{1,3})\s*([DWMY])\s*', patient_age or '')
+    return _age_band(patient_age or '')
+
+@lru_cache(maxsize=1024)
+def _age_band(patient_age):
+    m = re.fullmatch(r'\s*(\d{1,3})\s*([DWMY])\s*', patient_age)
     if not m: return None
     n, unit = int(m[1]), m[2]
     years = {'Y': n, 'M': n/12, 'W': n*7/365.25, 'D': n/365.25}[unit]
@@ -184,6 +194,7 @@ def age_band(patient_age:str|None, # a DICOM AS value such as '045Y', '018M', '0
 def _hmac_hex(secret, *parts):
     return hmac.new(secret, '\x1f'.join(parts).encode(), hashlib.sha256).hexdigest()
 
+@lru_cache(maxsize=4096)
 def _day_number(da):
     "Proleptic ordinal of a DICOM DA value ('YYYYMMDD' or legacy 'YYYY.MM.DD'), None if malformed."
     m = re.fullmatch(r'(\d{4})\.?(\d{2})\.?(\d{2})', (da or '').strip())
@@ -291,6 +302,9 @@ _SPEC = (  # attribute, kind: s = first text value, i = first integer, f = first
     ('RescaleSlope', 'f'), ('RescaleIntercept', 'f'), ('WindowCenter', 'f'), ('WindowWidth', 'f'),
     ('PixelSpacing', 'f2'), ('ImagerPixelSpacing', 'f2'), ('ImagePositionPatient', 'f3'), ('ImageOrientationPatient', 'f6'))
 _SPEC_T = tuple((kw, int(_tag_for(kw)), kind) for kw, kind in _SPEC)
+_TEXT_KWS, _TEXT_TAGS = (tuple(x[j] for x in _SPEC_T if x[2] == 's') for j in (0, 1))
+_OTHER_T = tuple(x for x in _SPEC_T if x[2] != 's')
+_VALUE, _WS_STR = _RAW._fields.index('value'), _WS.decode()
 
 def _slow(ds, kw, kind):
     if kind == 's': return _text(ds, kw)
@@ -310,8 +324,12 @@ def read_attributes(ds:pydicom.Dataset, # a data set as read (values not yet con
                    ) -> dict:
     "Every `_SPEC` attribute of `ds` by keyword, decoded from raw bytes when plain and through pydicom otherwise."
     get = get or _element_getter(ds)
-    out = {}
-    for kw, tag, kind in _SPEC_T:
+    es = list(map(get, _TEXT_TAGS))  # text attributes: the plain ones are split and decoded in one go
+    vals = [b'' if e is None else e[_VALUE] if type(e) is _RAW and e[_VALUE] is not None else None for e in es]
+    if None not in vals and (blob := b'\x01'.join(vals)).isascii() and blob.count(b'\x01') == len(vals) - 1:
+        out, todo = dict(zip(_TEXT_KWS, [x.split('\\', 1)[0].strip(_WS_STR) or None for x in blob.decode('ascii').split('\x01')])), _OTHER_T
+    else: out, todo = {}, _SPEC_T
+    for kw, tag, kind in todo:
         e = get(tag)
         if e is None: out[kw] = None; continue
         if type(e) is _RAW and (v := e.value) is not None:
@@ -596,12 +614,47 @@ class _HeadReader:
         if 0 <= n and e <= len(self.head): self.pos = e; return self.head[p:e]
         self.fp.seek(p); b = self.fp.read(n); self.pos = p + len(b); return b
 
+_PIXELS = frozenset(_PIXEL_TAGS)
+_PLAIN_SYNTAXES = {str(dcm_uid.ImplicitVRLittleEndian): (True, True), str(dcm_uid.ExplicitVRLittleEndian): (False, True),
+                   str(dcm_uid.ExplicitVRBigEndian): (False, False)}
+_OWN_PATH_SYNTAXES = frozenset(map(str, [dcm_uid.DeflatedExplicitVRLittleEndian, *dcm_uid.PrivateTransferSyntaxes]))
+_KNOWN_VRS = frozenset(pydicom.values.converters)
+
+def _not_meta(tag, vr, length): return tag >> 16 != 2
+def _at_pixels(tag, vr, length): return tag in _PIXELS
+
+def _read_part10(b):
+    "`dcmread(b, stop_before_pixels=True)` of a Part 10 file on its common path, without its wrappers; None off that path."
+    read_preamble(b, False)
+    meta = read_dataset(b, is_implicit_VR=False, is_little_endian=True, stop_when=_not_meta)
+    md = meta._dict
+    if not md or any(e.VR not in _KNOWN_VRS for e in md.values()): return None  # dcmread would re-read it as implicit VR
+    g = md.get(0x00020000)  # the group length first, a 4-byte UL: the two elements dcmread converts then cannot fail
+    if g is None or next(iter(md)) != 0x00020000 or g.VR != 'UL' or len(g.value or b'') != 4: return None
+    e = md.get(0x00020010)
+    v = e.value if type(e) is _RAW else None
+    if not v or not v.isascii() or b'\\' in v: return None
+    ts = v.decode('ascii').rstrip('\x00 ')  # as pydicom reads a UI
+    if not ts or ts in _OWN_PATH_SYNTAXES: return None  # deflated and private syntaxes: dcmread's own branches
+    pos = b.tell(); nxt = b.read(2); b.seek(pos)
+    if len(nxt) < 2 or nxt == b'\x00\x00': return None  # the end of the file, or a command set (group 0000)
+    implicit, little = _PLAIN_SYNTAXES.get(ts, (False, True))  # every other syntax is explicit VR little endian
+    ds = read_dataset(b, implicit, little, stop_when=_at_pixels)
+    ds.set_original_encoding(implicit, little)  # as dcmread: the syntax's encoding, even where pydicom read another
+    object.__setattr__(ds, 'file_meta', meta)
+    return ds
+
 def _read_head(head, size, force):
     "(data set, pixel data offset) parsed from the file's first bytes, or (None, None) if the whole file must be read."
     if _DEFLATED in head[:1024]: return None, None  # deflated: pydicom inflates the rest of the file
-    b = io.BytesIO(head)
-    try: ds = pydicom.dcmread(b, stop_before_pixels=True, force=force)
-    except Exception: return None, None
+    b, ds = io.BytesIO(head), None
+    if not force:
+        try: ds = _read_part10(b)
+        except Exception: ds = None
+    if ds is None:
+        b = io.BytesIO(head)
+        try: ds = pydicom.dcmread(b, stop_before_pixels=True, force=force)
+        except Exception: return None, None
     if b.tell() >= len(head) and size > len(head): return None, None  # the buffer ended before the header did
     return ds, b.tell()
 
@@ -685,14 +738,17 @@ def scan_file(root:Path|str,    # the delivery folder
     if size is None or mtime_ns is None:
         try: s = os.stat(p); size, mtime_ns = s.st_size, s.st_mtime_ns
         except OSError: size, mtime_ns = -1, 0
+    with _quiet_pydicom(): return _record(p, rel, secret, size, mtime_ns, policy or AuditPolicy())
+
+def _record(p, rel, secret, size, mtime_ns, policy):
+    "`scan_file` of the file at `p` for a caller that has already silenced pydicom."
     rec = dict(path=rel, file_size=int(size), mtime_ns=int(mtime_ns), _path_hash=path_hash(rel), reason=None, detail=None)
-    try:
-        with _quiet_pydicom(): rec.update(_scan(p, rel, secret, policy or AuditPolicy()))
+    try: rec.update(_scan(p, rel, secret, policy))
     except Exception as e:  # pydicom raises many things on hostile input; none may escape
         rec.update(reason='unreadable_header', detail=f'{type(e).__name__} while reading the header')
     return rec
 
-# %% ../../nbs/11_data.index.ipynb #c054
+# %% ../../nbs/11_data.index.ipynb #c056
 _STR, _I64, _F64, _BOOL = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 RECORD_SCHEMA = pa.schema([
     ('path', _STR), ('file_size', _I64), ('mtime_ns', _I64), ('reason', _STR), ('detail', _STR),
@@ -709,6 +765,7 @@ RECORD_SCHEMA = pa.schema([
     ('deid_method_codes', pa.list_(_STR)), ('burned_in_annotation', _STR), ('lossy_compression', _BOOL),
     ('encapsulated', _BOOL), ('n_fragments', _I64), ('audit_findings', pa.list_(_STR)), ('_header_status', _STR),
     ('_study_day', _I64), ('_path_hash', _I64), ('_secret_fp', _STR), ('_version', _I64)])
+_SCANNED_SCHEMA = pa.schema(list(RECORD_SCHEMA)[:-2])  # what a scan yields; the last two are the same for a whole part
 
 def _secret_fingerprint(secret, policy=None):
     "Fingerprint of what a record depends on besides the file: the secret and the audit policy."
@@ -718,14 +775,10 @@ def _secret_fingerprint(secret, policy=None):
 def _scan_chunk(job):
     "Worker: scan a chunk of files and write its records as one part file, atomically. Returns the count."
     root, part, files, secret, policy = job
-    fp = _secret_fingerprint(secret, policy)
-    recs = []
-    with _quiet_pydicom():
-        for rel, size, mtime in files:
-            r = scan_file(root, rel, secret, size, mtime, policy)
-            r['_secret_fp'] = fp; r['_version'] = INDEX_VERSION
-            recs.append(r)
-    table = pa.Table.from_pylist(recs, schema=RECORD_SCHEMA)
+    with _quiet_pydicom(): recs = [_record(os.path.join(root, rel), rel, secret, size, mtime, policy) for rel, size, mtime in files]
+    table = pa.Table.from_pylist(recs, schema=_SCANNED_SCHEMA)
+    table = table.append_column(RECORD_SCHEMA.field('_secret_fp'), pa.array([_secret_fingerprint(secret, policy)] * len(recs), _STR))
+    table = table.append_column(RECORD_SCHEMA.field('_version'), pa.array([INDEX_VERSION] * len(recs), _I64))
     with atomic_write(part) as f: pq.write_table(table, f)
     return len(recs)
 
@@ -733,18 +786,64 @@ def _part_sources(parts):
     "Every record file under `.parts`: compacted scans of any sharding and chunk parts of any (interrupted) run."
     return sorted(map(str, parts.glob('scan-*-of-*.parquet'))) + sorted(map(str, parts.glob('chunks-*-of-*/part-*.parquet')))
 
-def _known_keys(parts, fp):
-    "`{(path, size, mtime_ns)}` of records already on disk for this secret and indexer version."
-    keys = set()
-    for src in _part_sources(parts):
-        try: t = pq.read_table(src, columns=['path', 'file_size', 'mtime_ns', '_secret_fp', '_version'], use_threads=False)
-        except Exception: _log.warning(f'ignoring unreadable part file {Path(src).name} (it will be rescanned)'); continue
-        d = t.to_pydict()
-        keys.update((p, s, m) for p, s, m, f, v in zip(d['path'], d['file_size'], d['mtime_ns'], d['_secret_fp'], d['_version'])
-                    if f == fp and v == INDEX_VERSION)
-    return keys
+def _sql_str(s): return "'" + str(s).replace("'", "''") + "'"
 
-# %% ../../nbs/11_data.index.ipynb #c056
+def _copy_to(con, select:str, dest:Path, row_group:int|None=8192):
+    "Write the rows of a DuckDB `select` to the Parquet file `dest` atomically (a temporary file renamed into place)."
+    tmp = dest.with_name(f'.{dest.name}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        con.execute(f"COPY ({select}) TO {_sql_str(tmp)} (FORMAT parquet{f', ROW_GROUP_SIZE {row_group}' if row_group else ''})")
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError): tmp.unlink()
+
+_KEY_SCHEMA = pa.schema([('path', _STR), ('file_size', _I64), ('mtime_ns', _I64)])
+
+def _readable(srcs):
+    "The Parquet files of `srcs` whose footer reads; the others are logged and left out (their files get rescanned)."
+    ok = []
+    for src in srcs:
+        try: pq.read_metadata(src); ok.append(src)
+        except Exception: _log.warning(f'ignoring unreadable part file {Path(src).name} (it will be rescanned)')
+    return ok
+
+def _write_listing(root, exclude, dest, i, n, stats, batch=16384):
+    "Stream the walk (the files of shard i of n) into the Parquet file `dest`, a batch at a time; returns the count."
+    files, count = (x for x in _walk(root, exclude, stats) if n == 1 or path_hash(x[0]) % n == i), 0
+    with atomic_write(dest) as f, pq.ParquetWriter(f, _KEY_SCHEMA) as w:
+        while rows := list(itertools.islice(files, batch)):
+            w.write_table(pa.Table.from_arrays([pa.array(c, t.type) for c, t in zip(zip(*rows), _KEY_SCHEMA)], schema=_KEY_SCHEMA))
+            count += len(rows)
+    return count
+
+def _plan_scan(con, root, out, i, n, fp, stats):
+    "List shard i's files into `.parts` and, sorted, those with no current record (`todo`); returns (files, to scan, fresh)."
+    parts = out/'.parts'
+    listing, todo = parts/f'listing-{i}-of-{n}.parquet', parts/f'todo-{i}-of-{n}.parquet'
+    n_files = _write_listing(root, out, listing, i, n, stats)
+    srcs = _readable(_part_sources(parts))
+    known = (f"""SELECT path, file_size, mtime_ns FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true)
+                 WHERE _secret_fp = {_sql_str(fp)} AND _version = {INDEX_VERSION}""" if srcs else
+             "SELECT NULL::VARCHAR AS path, NULL::BIGINT AS file_size, NULL::BIGINT AS mtime_ns WHERE false")
+    _copy_to(con, f"""SELECT * FROM read_parquet({_sql_str(listing)}) ANTI JOIN ({known}) USING (path, file_size, mtime_ns)
+                      ORDER BY path""", todo)
+    return n_files, pq.read_metadata(todo).num_rows, not srcs
+
+def _chunk_sizes(total, size, workers):
+    "Chunk lengths for `total` files: `size` each, the last ones smaller so that no worker waits long for the others at the end."
+    nw, i = max(1, int(workers or os.cpu_count() or 1)), 0
+    while i < total:
+        left = total - i
+        k = size if left > 2 * nw * size else max(16, min(size, -(-left // (2 * nw))))
+        yield min(k, left); i += k
+
+def _todo_chunks(todo, size, workers):
+    "Chunks of `(path, size, mtime_ns)` read from the sorted `todo` file a batch at a time, sized by `_chunk_sizes`."
+    f = pq.ParquetFile(todo)
+    rows = (r for b in f.iter_batches(batch_size=4096, use_threads=False) for r in zip(*(c.to_pylist() for c in b.columns)))
+    for k in _chunk_sizes(f.metadata.num_rows, size, workers): yield list(itertools.islice(rows, k))
+
+# %% ../../nbs/11_data.index.ipynb #c059
 INSTANCE_COLUMNS = [
     'path', 'file_size', 'mtime_ns', 'site_id', 'patient_key', 'patient_key_source', 'study_key', 'study_key_source',
     'study_uid', 'series_uid', 'instance_uid', 'sop_class_uid', 'modality', 'body_part', 'view', 'manufacturer', 'model',
@@ -766,23 +865,29 @@ STUDY_COLUMNS = [
 REPORT_LINK_COLUMNS = ['study_key', 'report_key', 'matched_by', 'report_chars']
 TABLES = ('instances', 'series', 'studies', 'quarantine', 'report_links')
 
-def _sql_str(s): return "'" + str(s).replace("'", "''") + "'"
+def _most_common(table, key, text_cols, num_cols=(), extra=''):
+    "Rows `(key, name, v, x ...)`: per `key` and column `name`, its most common non-null value (text in `v`, numbers in `x`)."
+    # long form (key, column, value) -> a count per value -> the first by (count desc, value) in each (key, column). An
+    # aggregate over keys and a sorted window both spill to disk; ordered aggregates (`first(v ORDER BY n DESC, v)`) and
+    # one join per column, the obvious SQL, hold their state in memory
+    un = lambda cols, cast: (f"UNPIVOT (SELECT {key}, {', '.join(f'{c}::{cast} AS {c}' for c in cols)} FROM {table}) "
+                             f"ON {', '.join(cols)} INTO NAME name VALUE val")  # UNPIVOT drops NULL values
+    q = f"SELECT {key}, name, val AS v, NULL::DOUBLE AS x FROM ({un(text_cols, 'VARCHAR')})"
+    if num_cols: q += f" UNION ALL SELECT {key}, name, NULL::VARCHAR, val FROM ({un(num_cols, 'DOUBLE')})"  # numbers order as numbers
+    return (f"SELECT {key}, name, v, x{extra} FROM (SELECT {key}, name, v, x, count(*) AS n FROM ({q}) GROUP BY ALL) "
+            f"WINDOW p AS (PARTITION BY {key}, name ORDER BY n DESC, v, x ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) "
+            f"QUALIFY row_number() OVER p = 1")  # ties: the smallest value
 
-def _copy_to(con, select:str, dest:Path, row_group:int|None=8192):
-    "Write the rows of a DuckDB `select` to the Parquet file `dest` atomically (a temporary file renamed into place)."
-    tmp = dest.with_name(f'.{dest.name}.{uuid.uuid4().hex[:8]}.tmp')
-    try:
-        con.execute(f"COPY ({select}) TO {_sql_str(tmp)} (FORMAT parquet{f', ROW_GROUP_SIZE {row_group}' if row_group else ''})")
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError): tmp.unlink()
+def _pivot(cols, casts={}):
+    "Select list turning `_most_common` rows back into one column per name (numbers cast back by `casts`)."
+    return ', '.join(f"max({'x' if c in casts else 'v'}) FILTER (WHERE name = '{c}')" + (f"::{casts[c]}" if c in casts else '') +
+                     f" AS {c}" for c in cols)
 
-def _mode_join(table, key, cols):
-    "LEFT JOINs adding the most common non-null value of each column per `key` (ties: the smallest value)."
-    return ' '.join(f"LEFT JOIN (SELECT {key}, first({c} ORDER BY n DESC, {c}) AS {c} FROM (SELECT {key}, {c}, count(*) AS n "
-                    f"FROM {table} WHERE {c} IS NOT NULL GROUP BY {key}, {c}) GROUP BY {key}) USING ({key})" for c in cols)
+def _part_of_first(n):
+    "The shard (`_part`) of a series or study: that of its first path (unsharded: 0, without keeping a path per key)."
+    return f"arg_min(_path_hash, path) % {n} AS _part" if n > 1 else "0 AS _part"
 
-# %% ../../nbs/11_data.index.ipynb #c057
+# %% ../../nbs/11_data.index.ipynb #c060
 def _link_reports(con):
     "Create `links` (one row per linked study) from `inst` and the registered `rep` table."
     con.execute("""CREATE TEMP TABLE folders AS SELECT DISTINCT study_key, unnest(list_slice(string_split(path, '/'), 1,
@@ -794,15 +899,18 @@ def _link_reports(con):
         UNION ALL SELECT DISTINCT i.study_key, r.report_key, 2, 'StudyInstanceUID' FROM inst i JOIN rep r ON r.report_key = i.study_uid
         UNION ALL SELECT f.study_key, r.report_key, 3, 'folder' FROM folders f JOIN rep r ON r.report_key = f.folder
           WHERE f.folder IN (SELECT folder FROM folders GROUP BY folder HAVING count(DISTINCT study_key) = 1))
-      SELECT c.study_key, first(c.report_key ORDER BY c.prio, c.report_key) AS report_key,
-             first(c.matched_by ORDER BY c.prio, c.report_key) AS matched_by FROM cand c GROUP BY c.study_key""")
+      SELECT study_key, report_key, matched_by FROM cand QUALIFY row_number() OVER (PARTITION BY study_key ORDER BY prio, report_key) = 1""")
     con.execute("CREATE TEMP TABLE links2 AS SELECT l.*, r.report_chars, r.report_audit_findings FROM links l JOIN rep r USING (report_key)")
 
 _NO_LIST = "[]::VARCHAR[]"
 _STATUS_SQL = "['clean', 'flagged', 'quarantined'][{} + 1]"  # severity 0/1/2 -> status (`AUDIT_STATUSES`)
 
+_STUDY_MODES = ['study_key_source', 'patient_key', 'site_id', 'modality', 'body_part', 'patient_age_band', 'patient_sex', 'manufacturer']
+_SERIES_MODES = ['study_key', 'study_uid', 'patient_key', 'site_id', 'modality', 'body_part', 'view', 'manufacturer', 'model',
+                 'transfer_syntax', 'photometric', 'rows', 'columns', 'slice_thickness']
+
 def _build_tables(con, scans, reports, n, pixel_findings=None):
-    "Views `rec2` (every file) and `inst0` (indexed) over the scan files, and the small tables the manifests need."
+    "Views `rec2` (every file), `inst0` and `ia` (indexed) over the scan files, and the tables the manifests need."
     con.execute(f"CREATE TEMP VIEW rec AS SELECT * FROM read_parquet([{', '.join(map(_sql_str, scans))}], union_by_name=true)")
     # narrow side tables, so the wide records stream from disk and are never held: duplicates to demote, first days
     con.execute("""CREATE TEMP TABLE dups AS SELECT path, keeper FROM (SELECT path, row_number() OVER w AS k,
@@ -821,46 +929,56 @@ def _build_tables(con, scans, reports, n, pixel_findings=None):
     con.register('rep', rep)
     con.register('pixf', pixel_findings if pixel_findings is not None else PIXEL_FINDINGS_SCHEMA.empty_table())
     # the audit of each instance: header findings (from the scan) and pixel findings, as a severity 0/1/2
-    con.execute(f"""CREATE TEMP TABLE ia AS SELECT i.path, i.study_key,
-        list_sort(list_distinct(list_concat(coalesce(i.audit_findings, {_NO_LIST}), coalesce(p.pixel_findings, {_NO_LIST})))) AS findings,
+    con.execute(f"""CREATE TEMP VIEW ia AS SELECT i.*,
+        list_sort(list_distinct(list_concat(coalesce(i.audit_findings, {_NO_LIST}), coalesce(p.pixel_findings, {_NO_LIST})))) AS _findings,
         CASE WHEN i._header_status = 'quarantined' THEN 2 WHEN i._header_status = 'flagged'
-             OR len(coalesce(p.pixel_findings, {_NO_LIST})) > 0 THEN 1 ELSE 0 END AS sev
+             OR len(coalesce(p.pixel_findings, {_NO_LIST})) > 0 THEN 1 ELSE 0 END AS _sev
         FROM inst0 i LEFT JOIN pixf p USING (path)""")
     con.execute("CREATE TEMP VIEW inst AS SELECT * FROM agg")
     _link_reports(con)
+    # per study, one table at a time (a query holds its operators' state; a finished table can spill): most common
+    # values with the distinct StudyInstanceUIDs (count, smallest), series and modalities; the audit (the worst
+    # severity, the distinct findings); then the plain aggregates and the report link
+    con.execute(f"""CREATE TEMP TABLE study_modes AS SELECT study_key AS _k, max(lo) FILTER (WHERE name = 'study_uid') AS study_uid,
+        max(k) FILTER (WHERE name = 'study_uid') AS n_study_uids,
+        coalesce(list_sort(any_value(vs) FILTER (WHERE name = 'modality')), {_NO_LIST}) AS modalities,
+        max(k) FILTER (WHERE name = 'series_uid') AS n_series, {_pivot(_STUDY_MODES)}
+        FROM ({_most_common('agg', 'study_key', ['study_uid', 'series_uid'] + _STUDY_MODES,
+                            extra=", count(*) OVER p AS k, min(v) OVER p AS lo, list(v) FILTER (WHERE name = 'modality') OVER p AS vs")})
+        GROUP BY study_key""")
+    con.execute("""CREATE TEMP TABLE study_findings AS SELECT study_key, f, max(_sev) AS sev FROM (SELECT study_key, _sev,
+        unnest(CASE WHEN len(_findings) = 0 THEN [NULL::VARCHAR] ELSE _findings END) AS f FROM ia) GROUP BY study_key, f""")
+    con.execute(f"""CREATE TEMP TABLE study_audit AS SELECT study_key AS _ak, max(sev) AS sev,
+        coalesce(list_sort(list(f) FILTER (WHERE f IS NOT NULL)), {_NO_LIST}) AS findings FROM study_findings GROUP BY study_key""")
     rf = f"coalesce(l.report_audit_findings, {_NO_LIST})"
-    con.execute(f"""CREATE TEMP TABLE studies_t AS SELECT b.*, m.*, l.report_key IS NOT NULL AS report_available,
-        l.matched_by AS report_matched_by,
+    con.execute(f"""CREATE TEMP TABLE studies_t AS
+        WITH b AS (SELECT study_key, min(study_date_offset) AS study_date_offset, count(*) AS n_instances,
+              {_part_of_first(n)} FROM agg GROUP BY study_key)
+        SELECT b.*, m.* EXCLUDE (_k), l.report_key IS NOT NULL AS report_available, l.matched_by AS report_matched_by,
         {_STATUS_SQL.format(f"greatest(au.sev, CASE WHEN len({rf}) > 0 THEN 1 ELSE 0 END)")} AS audit_status,
         list_sort(list_distinct(list_concat(au.findings, {rf}))) AS audit_findings, {rf} AS report_audit_findings
-        FROM (SELECT study_key, min(study_uid) AS study_uid,
-          count(DISTINCT study_uid) AS n_study_uids, list_sort(list_distinct(list(modality))) AS modalities,
-          min(study_date_offset) AS study_date_offset, count(DISTINCT series_uid) AS n_series, count(*) AS n_instances,
-          arg_min(_path_hash, path) % {n} AS _part FROM agg GROUP BY study_key) b
-        LEFT JOIN (SELECT study_key AS _k, * EXCLUDE (study_key) FROM (SELECT DISTINCT study_key FROM agg)
-          {_mode_join('agg', 'study_key', ['study_key_source', 'patient_key', 'site_id', 'modality', 'body_part',
-                                             'patient_age_band', 'patient_sex', 'manufacturer'])}) m ON m._k = b.study_key
-        LEFT JOIN links2 l ON l.study_key = b.study_key
-        LEFT JOIN (SELECT study_key AS _ak, max(sev) AS sev, list_sort(list_distinct(flatten(list(findings)))) AS findings
-                   FROM ia GROUP BY study_key) au ON au._ak = b.study_key""")
+        FROM b LEFT JOIN study_modes m ON m._k = b.study_key JOIN study_audit au ON au._ak = b.study_key
+        LEFT JOIN links2 l ON l.study_key = b.study_key""")
 
-# %% ../../nbs/11_data.index.ipynb #c059
+# %% ../../nbs/11_data.index.ipynb #c062
 _AGG_COLUMNS = ['path', '_path_hash', 'study_key', 'study_key_source', 'study_uid', 'series_uid', 'patient_key', 'site_id',
                 'modality', 'body_part', 'view', 'manufacturer', 'model', 'transfer_syntax', 'photometric', 'rows',
                 'columns', 'frames', 'slice_thickness', 'series_number', 'instance_number', 'pixel_spacing_row',
                 'pixel_spacing_col', 'image_orientation', 'patient_age_band', 'patient_sex', 'study_date_offset']
 
-def _series_sql(n):
-    first = lambda c: f"first({c} ORDER BY instance_number NULLS LAST, path) AS {c}"
-    return f"""SELECT b.*, m.* EXCLUDE (_k), s.report_available FROM (SELECT series_uid, count(*) AS n_instances, sum(frames) AS n_frames,
-        count(DISTINCT (rows, columns)) AS n_geometries, {first('image_orientation')}, {first('pixel_spacing_row')},
-        {first('pixel_spacing_col')}, min(series_number) AS series_number, arg_min(_path_hash, path) % {n} AS _part
-        FROM agg GROUP BY series_uid) b
-      LEFT JOIN (SELECT series_uid AS _k, * EXCLUDE (series_uid) FROM (SELECT DISTINCT series_uid FROM agg)
-        {_mode_join('agg', 'series_uid', ['study_key', 'study_uid', 'patient_key', 'site_id', 'modality', 'body_part',
-                                            'view', 'manufacturer', 'model', 'transfer_syntax', 'photometric', 'rows',
-                                            'columns', 'slice_thickness'])}) m ON m._k = b.series_uid
-      LEFT JOIN studies_t s ON s.study_key = m.study_key"""
+def _series_tables(con, n):
+    "Create `series_t`, one row per series, one step at a time as for studies."
+    casts = dict(rows='BIGINT', columns='BIGINT', slice_thickness='DOUBLE')
+    con.execute(f"""CREATE TEMP TABLE series_modes AS SELECT series_uid AS _k, {_pivot(_SERIES_MODES, casts)}
+        FROM ({_most_common('agg', 'series_uid', [c for c in _SERIES_MODES if c not in casts], list(casts))}) GROUP BY series_uid""")
+    # the first instance (by InstanceNumber, missing last, then path) gives orientation and spacing
+    con.execute(f"""CREATE TEMP TABLE series_t AS
+      WITH f AS (SELECT series_uid, image_orientation, pixel_spacing_row, pixel_spacing_col FROM agg
+                 QUALIFY row_number() OVER (PARTITION BY series_uid ORDER BY instance_number NULLS LAST, path) = 1),
+      b AS (SELECT series_uid, count(*) AS n_instances, sum(frames)::DOUBLE AS n_frames, count(DISTINCT (rows, columns)) AS n_geometries,
+            min(series_number) AS series_number, {_part_of_first(n)} FROM agg GROUP BY series_uid)
+      SELECT b.*, f.* EXCLUDE (series_uid), m.* EXCLUDE (_k), s.report_available FROM b JOIN f USING (series_uid)
+      LEFT JOIN series_modes m ON m._k = b.series_uid LEFT JOIN studies_t s ON s.study_key = m.study_key""")
 
 def _table_sql(name, n):
     "SELECT producing manifest `name` with a `_part` column (shard of the row)."
@@ -868,13 +986,13 @@ def _table_sql(name, n):
     if name == 'instances':
         rf = f"coalesce(s.report_audit_findings, {_NO_LIST})"
         return (f"SELECT {cols(INSTANCE_COLUMNS[:-3], 'i.')}, coalesce(s.report_available, false) AS report_available, "
-                f"{_STATUS_SQL.format(f'greatest(a.sev, CASE WHEN len({rf}) > 0 THEN 1 ELSE 0 END)')} AS audit_status, "
-                f"list_sort(list_distinct(list_concat(a.findings, {rf}))) AS audit_findings, "
-                f"i._path_hash % {n} AS _part FROM inst0 i LEFT JOIN studies_t s USING (study_key) JOIN ia a USING (path)", 'path')
+                f"{_STATUS_SQL.format(f'greatest(i._sev, CASE WHEN len({rf}) > 0 THEN 1 ELSE 0 END)')} AS audit_status, "
+                f"list_sort(list_distinct(list_concat(i._findings, {rf}))) AS audit_findings, "
+                f"i._path_hash % {n} AS _part FROM ia i LEFT JOIN studies_t s USING (study_key)", 'path')
     if name == 'quarantine':
         return f"SELECT {cols(QUARANTINE_COLUMNS)}, _path_hash % {n} AS _part FROM rec2 WHERE reason IS NOT NULL", 'path'
     if name == 'studies': return f"SELECT {cols(STUDY_COLUMNS)}, _part FROM studies_t", 'study_key'
-    if name == 'series': return f"SELECT {cols(SERIES_COLUMNS)}, _part FROM ({_series_sql(n)})", 'series_uid'
+    if name == 'series': return f"SELECT {cols(SERIES_COLUMNS)}, _part FROM series_t", 'series_uid'
     if name == 'report_links':
         return (f"SELECT {cols(REPORT_LINK_COLUMNS, 'l.')}, s._part FROM links2 l JOIN studies_t s USING (study_key)", 'study_key')
     raise KeyError(name)
@@ -886,44 +1004,84 @@ def manifest_name(table:str, # one of `TABLES`
     "File name of one table of a manifest: `instances.parquet`, or `instances-<i>-of-<N>.parquet` for shard i of N."
     return f'{table}.parquet' if n == 1 else f'{table}-{i}-of-{n}.parquet'
 
-# %% ../../nbs/11_data.index.ipynb #c061
+# %% ../../nbs/11_data.index.ipynb #c064
+SORT_ROWS = 8192  # rows sorted at once when a table is written in key order (about 8 MB of instance rows)
+
+def _bounds(con, keys_sql, rows=None):
+    "Every `rows`-th of the sorted non-null keys `k` of `keys_sql` (a narrow sort, streamed): range bounds for `_write_sorted`."
+    rows, out, seen = rows or SORT_ROWS, [], 0
+    for b in con.sql(f"SELECT k FROM ({keys_sql}) WHERE k IS NOT NULL ORDER BY k").to_arrow_reader(65536):
+        first = rows if seen == 0 else (-seen) % rows
+        if first < b.num_rows: out += b.column(0).take(pa.array(range(first, b.num_rows, rows))).to_pylist()
+        seen += b.num_rows
+    return out
+
+def _key_range(key, lo, hi):
+    "SQL condition `lo <= key < hi` (None: unbounded); the last range also takes NULL keys."
+    c = ([f"{key} >= {_sql_str(lo)}"] if lo is not None else []) + ([f"{key} < {_sql_str(hi)}"] if hi is not None else [])
+    if not c: return 'TRUE'
+    return ' AND '.join(c) + (f" OR {key} IS NULL" if hi is None else '')
+
+def _write_sorted(con, select:str, key:str, dest:Path, bounds:list, schema:pa.Schema|None=None):
+    "Write the rows of `select` to Parquet `dest` atomically in `key` order, sorting one range of keys (`bounds`) at a time."
+    with atomic_write(dest) as f:
+        w = None
+        try:
+            for lo, hi in zip([None] + bounds, bounds + [None]):
+                t = con.sql(f"SELECT * FROM ({select}) WHERE {_key_range(key, lo, hi)}").to_arrow_table().sort_by(key)
+                if schema is not None: t = t.cast(schema)
+                if w is None: w = pq.ParquetWriter(f, t.schema)
+                if t.num_rows: w.write_table(t, row_group_size=SORT_ROWS)
+                del t; pa.default_memory_pool().release_unused()
+        finally:
+            if w is not None: w.close()
+
+# %% ../../nbs/11_data.index.ipynb #c067
+_TEMP_TABLES = ('agg', 'dups', 'first_day', 'folders', 'links', 'links2', 'study_modes', 'study_findings', 'study_audit',
+                'studies_t', 'series_modes', 'series_t')
+_KEYS = {'instances': 'SELECT path AS k FROM rec WHERE reason IS NULL', 'quarantine': 'SELECT path AS k FROM rec2 WHERE reason IS NOT NULL',
+         'series': 'SELECT series_uid AS k FROM series_t', 'studies': 'SELECT study_key AS k FROM studies_t',
+         'report_links': 'SELECT study_key AS k FROM links2'}
+
 def _write_manifests(con, out, i, n, reports, policy, root, fp, workers, progress):
     "Build every table from the scan files of all `n` shards and write them atomically; returns the accounting."
     parts = out/'.parts'
     try:
         scans = [str(parts/f'scan-{j}-of-{n}.parquet') for j in range(n)]
         _build_tables(con, scans, reports, n, _pixel_findings(con, parts, root, n, scans, fp, policy, workers, progress))
-        written = set()
+        _series_tables(con, n)
+        written = {}
         for t in TABLES:
             sql, key = _table_sql(t, n)
+            bounds = _bounds(con, _KEYS[t])
             for j in range(n):
                 dest = out/manifest_name(t, j, n)
-                _copy_to(con, f"SELECT * EXCLUDE (_part) FROM ({sql}) WHERE _part = {j} ORDER BY {key}", dest)
-                written.add(dest.name)
+                _write_sorted(con, f"SELECT * EXCLUDE (_part) FROM ({sql}) WHERE _part = {j}", key, dest, bounds)
+                written[dest.name] = t
         for t in TABLES:  # manifests of another sharding would double rows under a glob
             for f in out.glob(f'{t}*.parquet'):
                 if f.name not in written and re.fullmatch(rf'{t}(-\d+-of-\d+)?\.parquet', f.name): f.unlink()
-        acc = dict(files_seen=con.execute("SELECT count(*) FROM rec2").fetchone()[0],
-                   indexed=con.execute("SELECT count(*) FROM agg").fetchone()[0],
+        seen, indexed = con.execute("SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM rec2").fetchall()[0]
+        acc = dict(files_seen=seen, indexed=indexed,
                    quarantined=dict(con.execute("SELECT reason, count(*) FROM rec2 WHERE reason IS NOT NULL GROUP BY reason ORDER BY reason").fetchall()),
-                   studies=con.execute("SELECT count(*) FROM studies_t").fetchone()[0],
-                   series=con.execute("SELECT count(DISTINCT series_uid) FROM agg").fetchone()[0],
-                   patients=con.execute("SELECT count(DISTINCT patient_key) FROM agg").fetchone()[0],
-                   reports_linked=con.execute("SELECT count(*) FROM links2").fetchone()[0])
+                   studies=con.execute("SELECT count(*) FROM studies_t").fetchall()[0][0],
+                   series=con.execute("SELECT count(*) FROM series_t").fetchall()[0][0],
+                   patients=con.execute("SELECT count(DISTINCT patient_key) FROM agg").fetchall()[0][0],
+                   reports_linked=con.execute("SELECT count(*) FROM links2").fetchall()[0][0])
         acc['reports_unmatched'] = con.execute("SELECT count(DISTINCT report_key) FROM rep WHERE report_key NOT IN "
-                                               "(SELECT report_key FROM links2)").fetchone()[0] if reports is not None else 0
-        acc['audit'] = _audit_accounting(con, n)
+                                               "(SELECT report_key FROM links2)").fetchall()[0][0] if reports is not None else 0
+        acc['audit'] = _audit_accounting(con, [str(out/f) for f, t in written.items() if t == 'instances'])
         pix = parts/f'pixels-all-of-{n}.parquet'
         acc['pixel_checked'] = pq.read_metadata(pix).num_rows if policy.pixel_check != 'none' and pix.exists() else 0
     finally:
         con.execute('DROP VIEW IF EXISTS inst')
-        for t in ('agg', 'dups', 'first_day', 'folders', 'links', 'links2', 'studies_t', 'ia'): con.execute(f'DROP TABLE IF EXISTS {t}')
+        for t in _TEMP_TABLES: con.execute(f'DROP TABLE IF EXISTS {t}')
         for t in ('pixf', 'rep'):
             with contextlib.suppress(Exception): con.unregister(t)
-        for v in ('inst0', 'rec2', 'rec'): con.execute(f'DROP VIEW IF EXISTS {v}')
+        for v in ('ia', 'inst0', 'rec2', 'rec'): con.execute(f'DROP VIEW IF EXISTS {v}')
     return acc
 
-# %% ../../nbs/11_data.index.ipynb #c063
+# %% ../../nbs/11_data.index.ipynb #c069
 REPORTS_SCHEMA = pa.schema([('report_key', _STR), ('report_chars', _I64), ('report_audit_findings', pa.list_(_STR))])
 
 def read_reports(reports:Path|str, # CSV / JSONL / Parquet table with study_key and report_text, or a folder of <key>.txt
@@ -936,7 +1094,7 @@ def read_reports(reports:Path|str, # CSV / JSONL / Parquet table with study_key 
     return pa.table({'report_key': keys, 'report_chars': [len(t) for t in text],
                      'report_audit_findings': [[f'report:{r}' for r in phi_rules(t)] for t in text]}, schema=REPORTS_SCHEMA)
 
-# %% ../../nbs/11_data.index.ipynb #c066
+# %% ../../nbs/11_data.index.ipynb #c072
 PIXEL_SCHEMA = pa.schema([('path', _STR), ('file_size', _I64), ('mtime_ns', _I64), ('text_lines', _STR),
                           ('pixel_error', _STR), ('_secret_fp', _STR), ('_version', _I64)])
 PIXEL_FINDINGS_SCHEMA = pa.schema([('path', _STR), ('pixel_findings', pa.list_(_STR))])
@@ -984,8 +1142,9 @@ def _check_pixels(con, parts, root, cands, name, fp, workers, lock_fd, progress)
     chunk_dir.mkdir(parents=True, exist_ok=True)
     run = uuid.uuid4().hex[:8]
     jobs = [(str(root), str(chunk_dir/f'part-{run}-{k:06d}.parquet'), todo[s_:s_+64], fp) for k, s_ in enumerate(range(0, len(todo), 64))]
-    _run_jobs(_pixel_chunk, jobs, workers, lock_fd, tqdm(total=len(cands), initial=len(cands) - len(todo), unit='image',
-              desc='checking pixels for burned-in text', disable=not progress or not todo, mininterval=0.5))
+    with _pool(max(1, min(_threads(workers), len(jobs))), lock_fd) as ex:
+        _run_jobs(_pixel_chunk, jobs, ex, tqdm(total=len(cands), initial=len(cands) - len(todo), unit='image',
+                  desc='checking pixels for burned-in text', disable=not progress or not todo, mininterval=0.5), 2 * _threads(workers))
     srcs = _pixel_sources(parts)
     lst = pa.table({'path': [c[0] for c in cands], 'file_size': [c[1] for c in cands], 'mtime_ns': [c[2] for c in cands]},
                    schema=pa.schema([('path', _STR), ('file_size', _I64), ('mtime_ns', _I64)]))
@@ -1008,8 +1167,8 @@ def _pixel_phase(con, parts, root, i, n, fp, policy, workers, lock_fd, progress)
 
 def _pixel_findings(con, parts, root, n, scans, fp, policy, workers, progress):
     "`path`, `pixel_findings` of the delivery's sampled instances, with annotation zones learned per device."
-    from rwid_nb.data.burned_in import learn_annotation_zones, flag_text, TextLine
     if policy.pixel_check == 'none': return None
+    from rwid_nb.data.burned_in import learn_annotation_zones, flag_text, TextLine  # (imports scipy: only when used)
     # the sample over the whole delivery; with shards a series' middle image may not have been any shard's: check it now
     cands = _pixel_candidates(con, scans, policy)
     _check_pixels(con, parts, root, cands, f'pixels-all-of-{n}', fp, workers, None, progress)
@@ -1026,41 +1185,49 @@ def _pixel_findings(con, parts, root, n, scans, fp, policy, workers, progress):
         if f: out['path'].append(path); out['pixel_findings'].append(sorted(f))
     return pa.table(out, schema=PIXEL_FINDINGS_SCHEMA)
 
-def _chunks(todo, size, workers):
-    "`todo` in chunks of `size` files, the last ones smaller so that no worker waits long for the others at the end."
-    nw, out, i = max(1, int(workers or os.cpu_count() or 1)), [], 0
-    while i < len(todo):
-        left = len(todo) - i
-        k = size if left > 2 * nw * size else max(16, min(size, -(-left // (2 * nw))))
-        out.append(todo[i:i + k]); i += k
-    return out
+@contextlib.contextmanager
+def _pool(workers, lock_fd):
+    "`workers` processes, all forked on entry (so before the caller opens DuckDB); None for one worker (run in-process)."
+    nw = max(1, int(workers or os.cpu_count() or 1))
+    if nw == 1: yield None; return
+    with ProcessPoolExecutor(nw, mp_context=_pool_context(), initializer=_worker_init, initargs=(lock_fd,)) as ex:
+        ex.submit(int).result()  # with fork, the first job starts every worker
+        yield ex
 
-def _run_jobs(fn, jobs, workers, lock_fd, bar):
-    "Run `fn` over `jobs` (in `workers` forked processes unless 1), advancing `bar` by each job's return value."
-    nw = max(1, min(int(workers or os.cpu_count() or 1), len(jobs)))
+def _run_jobs(fn, jobs, ex, bar, in_flight, done=None):
+    "Run `fn` over the iterable `jobs` in the pool `ex` (None: in this process), `in_flight` at a time; `bar` counts results."
+    jobs = enumerate(jobs)
     try:
-        if nw == 1:
-            for j in jobs: bar.update(fn(j))
-        else:
-            with ProcessPoolExecutor(nw, mp_context=_pool_context(), initializer=_worker_init, initargs=(lock_fd,)) as ex:
-                futs = [ex.submit(fn, j) for j in jobs]
-                try:
-                    for fu in as_completed(futs): bar.update(fu.result())
-                except BaseException:
-                    for fu in futs: fu.cancel()
-                    raise
+        if ex is None:
+            for k, j in jobs:
+                bar.update(fn(j))
+                if done: done(k, j)
+            return
+        running = {}
+        try:  # a few jobs in flight; the rest stay unread in `jobs`
+            running = {ex.submit(fn, j): (k, j) for k, j in itertools.islice(jobs, in_flight)}
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fu in finished:
+                    bar.update(fu.result())
+                    if done: done(*running[fu])  # (in this process, while the workers go on)
+                    del running[fu]
+                    running |= {ex.submit(fn, j): (k, j) for k, j in itertools.islice(jobs, 1)}
+        except BaseException:
+            for fu in running: fu.cancel()
+            raise
     finally: bar.close()
 
-def _audit_accounting(con, n):
-    "Counts of instances and studies by audit status, and of studies by finding (names only)."
-    isql, _ = _table_sql('instances', n)
-    return dict(instances=dict(con.execute(f"SELECT audit_status, count(*) FROM ({isql}) GROUP BY 1 ORDER BY 1").fetchall()),
+def _audit_accounting(con, instance_files):
+    "Counts of instances (from the written `instance_files`) and studies by audit status, and of studies by finding (names only)."
+    return dict(instances=dict(con.execute(f"""SELECT audit_status, count(*) FROM read_parquet([{', '.join(map(_sql_str, instance_files))}])
+                                                GROUP BY 1 ORDER BY 1""").fetchall()),
                 studies=dict(con.execute("SELECT audit_status, count(*) FROM studies_t GROUP BY 1 ORDER BY 1").fetchall()),
                 study_findings=dict(con.execute("""SELECT f, count(*) AS c FROM (SELECT unnest(audit_findings) AS f FROM studies_t)
                                                  GROUP BY f ORDER BY c DESC, f""").fetchall()),
-                reports_flagged=con.execute("SELECT count(*) FROM links2 WHERE len(report_audit_findings) > 0").fetchone()[0])
+                reports_flagged=con.execute("SELECT count(*) FROM links2 WHERE len(report_audit_findings) > 0").fetchall()[0][0])
 
-# %% ../../nbs/11_data.index.ipynb #c068
+# %% ../../nbs/11_data.index.ipynb #c074
 @contextlib.contextmanager
 def _locked(path, what, wait_s=30.0):
     "An exclusive advisory lock on `path`, released on exit or when the process dies; yields its file descriptor."
@@ -1083,60 +1250,80 @@ def _worker_init(lock_fd):
     if lock_fd is not None:
         with contextlib.suppress(OSError): os.close(lock_fd)
 
-def _compact(con, parts, i, n, listing, fp, fresh=False):
-    "Save shard i's current records (one per listed file, streamed from the part files) as its scan file."
-    dest = parts/f'scan-{i}-of-{n}.parquet'
-    srcs = _part_sources(parts)
-    if fresh and srcs and sum(pq.read_metadata(f).num_rows for f in srcs) == len(listing):
-        # a first run: its parts hold exactly one record per listed file, so they are concatenated, not deduplicated
-        _copy_to(con, f"SELECT * FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true)", dest)
-        shutil.rmtree(parts/f'chunks-{i}-of-{n}', ignore_errors=True)
-        return
-    lst = pa.table({'path': [r for r, _, _ in listing], 'file_size': [s for _, s, _ in listing],
-                    'mtime_ns': [m for _, _, m in listing]}, schema=pa.schema([('path', _STR), ('file_size', _I64), ('mtime_ns', _I64)]))
-    try:
-        con.register('lst', lst); con.register('no_records', RECORD_SCHEMA.empty_table())
-        src = (f"(SELECT * FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true, filename=true))"
-               if srcs else "(SELECT *, '' AS filename FROM no_records)")
-        # choose one record per listed file from the narrow key columns, then stream the chosen rows through
-        con.execute(f"""CREATE TEMP TABLE chosen AS SELECT path, filename FROM (SELECT r.path, r.filename,
-            row_number() OVER (PARTITION BY r.path ORDER BY r.filename) AS k FROM {src} r JOIN lst USING (path, file_size, mtime_ns)
-            WHERE r._secret_fp = {_sql_str(fp)} AND r._version = {INDEX_VERSION}) WHERE k = 1""")
-        got = con.execute("SELECT count(*) FROM chosen").fetchone()[0]
-        if got != len(listing): raise RuntimeError(f"internal error: {got} records for {len(listing)} files of shard {i}/{n}")
-        _copy_to(con, f"SELECT r.* EXCLUDE (filename) FROM {src} r SEMI JOIN chosen USING (path, filename)", dest)
-    finally:
-        con.execute('DROP TABLE IF EXISTS chosen'); con.unregister('lst'); con.unregister('no_records')
-    shutil.rmtree(parts/f'chunks-{i}-of-{n}', ignore_errors=True)
+class _Concat:
+    "Appends finished part files, in job order, to a new scan file: a first run's compaction, done during its scan."
+    def __init__(self, dest):
+        self.dest, self.tmp = dest, dest.with_name(f'.{dest.name}.{uuid.uuid4().hex[:8]}.tmp')
+        self.w, self.rows, self.next, self.waiting = pq.ParquetWriter(self.tmp, RECORD_SCHEMA), 0, 0, {}
+    def __call__(self, k, job):  # job k wrote the part file job[1]
+        self.waiting[k] = job[1]
+        while self.next in self.waiting:  # parts are chunks of the sorted `todo`, numbered: in order, the file is sorted
+            t = pq.read_table(self.waiting.pop(self.next), use_threads=False).select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
+            self.w.write_table(t); self.rows += t.num_rows; self.next += 1
+    def finish(self, keep:bool):
+        "Close the file; rename it into place if `keep`, else delete it."
+        self.w.close()
+        if keep: os.replace(self.tmp, self.dest)
+        else: self.tmp.unlink(missing_ok=True)
+        pa.default_memory_pool().release_unused()  # give the buffers back rather than keep them for DuckDB's turn
 
-# %% ../../nbs/11_data.index.ipynb #c069
+def _compact(con, parts, i, n, n_files, fp, concat=None):
+    "Save shard i's current records (one per listed file, streamed from the part files) as its scan file, sorted by path."
+    dest, listing = parts/f'scan-{i}-of-{n}.parquet', parts/f'listing-{i}-of-{n}.parquet'
+    if concat is not None:  # a first run: its parts, appended in order during the scan, hold one record per listed file
+        concat.finish(keep=concat.rows == n_files)
+    if concat is None or concat.rows != n_files:
+        srcs = _readable(_part_sources(parts))
+        try:
+            con.register('no_records', RECORD_SCHEMA.empty_table())
+            src = (f"(SELECT * FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true, filename=true))"
+                   if srcs else "(SELECT *, '' AS filename FROM no_records)")
+            # choose one record per listed file from the narrow key columns, then stream the chosen rows through
+            con.execute(f"""CREATE TEMP TABLE chosen AS SELECT path, filename FROM (SELECT r.path, r.filename,
+                row_number() OVER (PARTITION BY r.path ORDER BY r.filename) AS k FROM {src} r
+                JOIN read_parquet({_sql_str(listing)}) USING (path, file_size, mtime_ns)
+                WHERE r._secret_fp = {_sql_str(fp)} AND r._version = {INDEX_VERSION}) WHERE k = 1""")
+            got = con.execute("SELECT count(*) FROM chosen").fetchall()[0][0]
+            if got != n_files: raise RuntimeError(f"internal error: {got} records for {n_files} files of shard {i}/{n}")
+            _write_sorted(con, f"SELECT r.* EXCLUDE (filename) FROM {src} r SEMI JOIN chosen USING (path, filename)", 'path', dest,
+                          _bounds(con, 'SELECT path AS k FROM chosen'), RECORD_SCHEMA)
+        finally:
+            con.execute('DROP TABLE IF EXISTS chosen'); con.unregister('no_records')
+    shutil.rmtree(parts/f'chunks-{i}-of-{n}', ignore_errors=True)
+    for f in (listing, parts/f'todo-{i}-of-{n}.parquet'): f.unlink(missing_ok=True)
+
+# %% ../../nbs/11_data.index.ipynb #c075
 def _shard_accounting(con, scan):
     "Accounting of one shard's scan file alone, before duplicates across shards are known."
     src = f"read_parquet({_sql_str(scan)})"
     q = dict(con.execute(f"SELECT reason, count(*) FROM {src} WHERE reason IS NOT NULL GROUP BY reason ORDER BY reason").fetchall())
-    total = con.execute(f"SELECT count(*) FROM {src}").fetchone()[0]
+    total = con.execute(f"SELECT count(*) FROM {src}").fetchall()[0][0]
     return dict(files_seen=total, indexed=total - sum(q.values()), quarantined=q)
 
 def _cleanup_other_shardings(parts, n):
-    for f in parts.glob('scan-*-of-*.parquet'):
+    for f in (*parts.glob('scan-*-of-*.parquet'), *parts.glob('listing-*-of-*.parquet'), *parts.glob('todo-*-of-*.parquet')):
         if not f.name.endswith(f'-of-{n}.parquet'): f.unlink()
     for d in parts.glob('chunks-*-of-*'):
         if not d.name.endswith(f'-of-{n}'): shutil.rmtree(d, ignore_errors=True)
     for f in parts.glob('pixels-*-of-*.parquet'):
         if not f.name.endswith(f'-of-{n}.parquet'): f.unlink()
 
-DUCKDB_MEMORY_LIMIT = None  # e.g. '2GB'; None: DuckDB's default (80% of RAM), spilling to `.parts/duckdb-tmp` beyond it
+DUCKDB_MEMORY_LIMIT = None  # None: 64 MiB per DuckDB thread, at least 128 MiB; or a DuckDB size such as '1GB'
 
-def _connect(parts):
-    "DuckDB for the manifests: spills to `.parts/duckdb-tmp` (not the current folder), keeps no order it is not asked for."
-    cfg = {'temp_directory': str(parts/'duckdb-tmp'), 'preserve_insertion_order': False}
-    if DUCKDB_MEMORY_LIMIT: cfg['memory_limit'] = DUCKDB_MEMORY_LIMIT
-    return duckdb.connect(config=cfg)
+def _threads(workers):
+    return max(1, int(workers or os.cpu_count() or 1))
+
+def _connect(parts, workers=None):
+    "DuckDB for listing, compaction and manifests: bounded memory, spilling to `.parts/duckdb-tmp`; one thread until `SET threads`."
+    # (one thread while the scan runs: the workers have the cores, and a pixel-check pool may still be forked later)
+    limit = DUCKDB_MEMORY_LIMIT or f'{max(128, 64 * _threads(workers))}MB'
+    return duckdb.connect(config={'temp_directory': str(parts/'duckdb-tmp'), 'preserve_insertion_order': False,
+                                  'memory_limit': limit, 'threads': 1})
 
 def _pool_context():
     return mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else mp.get_context()
 
-# %% ../../nbs/11_data.index.ipynb #c070
+# %% ../../nbs/11_data.index.ipynb #c076
 def index_dicom(root:Path|str,          # the delivery folder: every file under it is accounted for
                 out:Path|str,           # the manifest folder (created if missing)
                 workers:int|None=None,  # scanning processes (default: all cores; 1 = in this process)
@@ -1160,28 +1347,33 @@ def index_dicom(root:Path|str,          # the delivery folder: every file under 
     chunk_dir.mkdir(parents=True, exist_ok=True)
     policy = policy or AuditPolicy()
     fp, walk = _secret_fingerprint(secret, policy), {}
-    with _locked(parts/f'.lock-{i}-of-{n}', f'shard {i}/{n} of {out}') as lock_fd:
-        for f in chunk_dir.glob('.*.tmp'): f.unlink(missing_ok=True)  # leftovers of a killed run
-        listing = [x for x in list_files(root, exclude=out, stats=walk) if n == 1 or path_hash(x[0]) % n == i]
-        known = _known_keys(parts, fp)
-        todo = [x for x in listing if x not in known]
-        fresh = not known and not _part_sources(parts)
-        run = uuid.uuid4().hex[:8]
-        jobs = [(str(root), str(chunk_dir/f'part-{run}-{k:06d}.parquet'), c, secret, policy)
-                for k, c in enumerate(_chunks(todo, int(chunk_size), workers))]
-        pa.array([''])  # pyarrow imports pandas on first use: once here, inherited by forked workers
-        _run_jobs(_scan_chunk, jobs, workers, lock_fd,
-                  tqdm(total=len(listing), initial=len(listing) - len(todo), desc=f'indexing {root.name}' + (f' [{i}/{n}]' if n > 1 else ''),
-                       unit='file', disable=not progress, mininterval=0.5))
-        con = _connect(parts)
-        _compact(con, parts, i, n, listing, fp, fresh)
-        del known
-        # with shards, each checks its own files' sample here; unsharded, the manifest step below checks the whole sample
-        n_pix = _pixel_phase(con, parts, root, i, n, fp, policy, workers, lock_fd, progress) if n > 1 else 0
-    res = dict(root=str(root), out=str(out), shard=f'{i}/{n}' if n > 1 else None, shard_files=len(listing),
-               scanned=len(todo), reused=len(listing) - len(todo), link_cycles_skipped=walk.get('link_cycles', 0),
-               unreadable_folders=walk.get('unreadable_folders', 0), pixel_checked=n_pix)
+    con = None
     try:
+        with _locked(parts/f'.lock-{i}-of-{n}', f'shard {i}/{n} of {out}') as lock_fd:
+            for f in (*chunk_dir.glob('.*.tmp'), *parts.glob('.scan-*.tmp')): f.unlink(missing_ok=True)  # a killed run's
+            pa.array([''])  # pyarrow imports pandas on first use: once here, inherited by forked workers
+            concat = None
+            with _pool(workers, lock_fd) as ex:  # workers first: they inherit nothing of DuckDB, which opens next
+                con = _connect(parts, workers)
+                n_files, n_todo, fresh = _plan_scan(con, root, out, i, n, fp, walk)
+                if fresh: concat = _Concat(parts/f'scan-{i}-of-{n}.parquet')
+                run = uuid.uuid4().hex[:8]
+                jobs = ((str(root), str(chunk_dir/f'part-{run}-{k:06d}.parquet'), c, secret, policy)
+                        for k, c in enumerate(_todo_chunks(parts/f'todo-{i}-of-{n}.parquet', int(chunk_size), workers)))
+                try:
+                    _run_jobs(_scan_chunk, jobs, ex, tqdm(total=n_files, initial=n_files - n_todo, unit='file', mininterval=0.5,
+                              desc=f'indexing {root.name}' + (f' [{i}/{n}]' if n > 1 else ''), disable=not progress),
+                              2 * _threads(workers), done=concat)
+                except BaseException:
+                    if concat is not None: concat.finish(keep=False)
+                    raise
+            con.execute(f'SET threads = {_threads(workers)}')
+            _compact(con, parts, i, n, n_files, fp, concat)
+            # with shards, each checks its own files' sample here; unsharded, the manifest step below checks the whole sample
+            n_pix = _pixel_phase(con, parts, root, i, n, fp, policy, workers, lock_fd, progress) if n > 1 else 0
+        res = dict(root=str(root), out=str(out), shard=f'{i}/{n}' if n > 1 else None, shard_files=n_files,
+                   scanned=n_todo, reused=n_files - n_todo, link_cycles_skipped=walk.get('link_cycles', 0),
+                   unreadable_folders=walk.get('unreadable_folders', 0), pixel_checked=n_pix)
         waiting = [j for j in range(n) if not (parts/f'scan-{j}-of-{n}.parquet').exists()]
         if waiting:
             res.update(_shard_accounting(con, str(parts/f'scan-{i}-of-{n}.parquet')), manifests_written=False, waiting_for_shards=waiting)
@@ -1193,14 +1385,15 @@ def index_dicom(root:Path|str,          # the delivery folder: every file under 
                 res['elapsed_s'] = round(time.perf_counter() - t0, 3)
                 with atomic_write(out/'index.json', 'w') as f:
                     json.dump({k: v for k, v in res.items() if k != 'out'}, f, indent=1)  # root: where the files are, for preprocessing
-    finally: con.close()
+    finally:
+        if con is not None: con.close()
     res['elapsed_s'] = round(time.perf_counter() - t0, 3)
     if res['files_seen'] != res['indexed'] + sum(res['quarantined'].values()):
         raise RuntimeError(f"internal error: accounting does not add up in {out}; rerun to rebuild the manifests")
     if progress: print(format_accounting(res))
     return res
 
-# %% ../../nbs/11_data.index.ipynb #c072
+# %% ../../nbs/11_data.index.ipynb #c078
 def format_accounting(res:dict, # from `index_dicom`
                      ) -> str:
     "The accounting of an indexing run as a small text table whose counts add up."
@@ -1222,7 +1415,7 @@ def format_accounting(res:dict, # from `index_dicom`
     lines.append(f"scanned {res['scanned']:,} new or changed files, reused {res['reused']:,}; {res['elapsed_s']:.1f} s")
     return '\n'.join(lines)
 
-# %% ../../nbs/11_data.index.ipynb #c073
+# %% ../../nbs/11_data.index.ipynb #c079
 def query(out:Path|str, # a manifest folder written by `index_dicom`
           sql:str,      # DuckDB SQL over the views instances, series, studies, quarantine, report_links
          ):
@@ -1239,7 +1432,7 @@ def query(out:Path|str, # a manifest folder written by `index_dicom`
         return con.execute(sql).df()
     finally: con.close()
 
-# %% ../../nbs/11_data.index.ipynb #c075
+# %% ../../nbs/11_data.index.ipynb #c081
 AUDIT_COLUMNS = ['path', 'site_id', 'patient_key', 'study_key', 'series_uid', 'instance_uid', 'modality', 'audit_status', 'audit_findings']
 
 def audit_dicom(root:Path|str,              # the delivery folder

@@ -27,11 +27,11 @@ from .phantom_anatomy import (FINDINGS, sample_findings, draw_chest_radiograph, 
 from .phantom_reports import write_report, indication_for, fake_identity, inject_report_phi
 
 # %% auto #0
-__all__ = ['TS', 'SOP_CLASS', 'BODY_PART', 'SITES', 'DEID_OPTIONS', 'IMPLEMENTATION_UID', 'PHI_KINDS', 'REPORT_PHI_KINDS',
-           'PRIVATE_CREATOR', 'CORRUPTION_KINDS', 'ALL_FINDINGS', 'Site', 'sites_table', 'StudyPlan', 'plan_cohort',
-           'phantom_uid', 'base_header', 'text_mask', 'radiograph_stored_values', 'write_instance', 'cxr_view',
-           'plan_phi', 'apply_header_phi', 'corrupt_file', 'study_report', 'render_study', 'generate_cohort',
-           'phantom_reports', 'read_cohort_summary', 'format_summary', 'cohort_digest']
+__all__ = ['TS', 'SOP_CLASS', 'BODY_PART', 'PHANTOM_VERSION', 'SITES', 'DEID_OPTIONS', 'IMPLEMENTATION_UID', 'PHI_KINDS',
+           'REPORT_PHI_KINDS', 'PRIVATE_CREATOR', 'CORRUPTION_KINDS', 'ALL_FINDINGS', 'Site', 'sites_table',
+           'StudyPlan', 'plan_cohort', 'phantom_uid', 'base_header', 'text_mask', 'radiograph_stored_values',
+           'write_instance', 'cxr_view', 'plan_phi', 'apply_header_phi', 'corrupt_file', 'study_report', 'render_study',
+           'generate_cohort', 'phantom_reports', 'read_cohort_summary', 'format_summary', 'cohort_digest']
 
 # %% ../../nbs/14_data.phantom.ipynb #c006
 TS = {'explicit': dcm_uid.ExplicitVRLittleEndian, 'implicit': dcm_uid.ImplicitVRLittleEndian,
@@ -69,6 +69,9 @@ def _cxr(modality, ts, rows, cols, spacing, spacing_tags, bits, photometric, cur
          marker='L', marker_size=18, ap_share=0.2):
     "A radiograph acquisition profile: every argument becomes a key."
     return dict(locals())
+
+# bumped whenever the same seed renders different files: a cached cohort of another version is regenerated, not reused
+PHANTOM_VERSION = 2
 
 SITES = {s.site_id: s for s in [
     Site('S01', 'Lakeside University Hospital', 'Boston', 'United States', 'North America', 'us_academic', 1.3,
@@ -807,7 +810,7 @@ def generate_cohort(out:Path|str,          # cohort folder to create
         _write_csv(pd.DataFrame([x for r in results for x in r['corrupt']], columns=['study_key', 'file', 'kind']),
                    stage/'corruptions.csv')
         _write_csv(sites_table(chosen), stage/'sites.csv')
-        summary = dict(generator='rwid_nb.data.phantom', seed=seed, n_studies=len(plans), inject_phi=inject_phi,
+        summary = dict(generator='rwid_nb.data.phantom', generator_version=PHANTOM_VERSION, seed=seed, n_studies=len(plans), inject_phi=inject_phi,
                        corrupt=corrupt, sites=sorted(chosen), modalities=sorted(gt.modality.unique()),
                        n_patients=int(gt.patient_key.nunique()), n_files=int(gt.n_files.sum()),
                        n_phi_studies=int(gt.phi_injected.sum()), n_corrupted_files=int(sum(len(r['corrupt']) for r in results)),

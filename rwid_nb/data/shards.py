@@ -24,7 +24,7 @@ __all__ = ['SHARD_VERSION', 'STORAGE_COLUMNS', 'ITEM_COLUMNS', 'THREE_D', 'PIXEL
 
 # %% ../../nbs/15_data.shards.ipynb #c005
 _log = get_logger(__name__)
-SHARD_VERSION = 2  # bump when the stored format or the preprocessing code changes: every item is rebuilt
+SHARD_VERSION = 3  # bump when the stored format or the preprocessing code changes: every item is rebuilt
 
 class ShardError(Exception):
     "A shard is missing, truncated or corrupt (the message names the shard file and the item)."
@@ -39,11 +39,12 @@ def quantize(pixels:np.ndarray, # float physical values
             ) -> tuple:
     "(uint16 array, scale, intercept) with pixels ~= stored * scale + intercept over the array's own range."
     x = np.asarray(pixels, dtype=np.float32)
-    if not np.isfinite(x).all(): raise ValueError("quantize: the array holds NaN or infinite values")
     lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)): raise ValueError("quantize: the array holds NaN or infinite values")  # min and max propagate both
     scale = (hi - lo) / 65535 if hi > lo else 1.0
-    q = np.rint((x - lo) / scale).clip(0, 65535).astype('<u2')
-    return q, scale, lo
+    t = x - lo; t /= scale  # float32 throughout, in place: the same numbers as rint((x - lo) / scale), fewer passes
+    np.rint(t, out=t); np.clip(t, 0, 65535, out=t)
+    return t.astype('<u2'), scale, lo
 
 def write_items(shards_dir:Path|str, # the shards folder (created if missing)
                 items:list,          # (row dict of `ITEM_COLUMNS` and labels, float32 array) pairs
@@ -55,11 +56,11 @@ def write_items(shards_dir:Path|str, # the shards folder (created if missing)
     with atomic_write(d/f'{name}.bin') as f:
         for row, arr in items:
             q, scale, icpt = quantize(arr)
-            b = q.tobytes(order='C')
+            b = np.ascontiguousarray(q).reshape(-1).view(np.uint8)  # the array's own bytes in C order, not a copy
             f.write(b)
-            rows.append(dict(row, shard=f'shards/{name}.bin', offset=off, nbytes=len(b), shape=list(q.shape), dtype='uint16',
+            rows.append(dict(row, shard=f'shards/{name}.bin', offset=off, nbytes=b.nbytes, shape=list(q.shape), dtype='uint16',
                              scale=scale, intercept=icpt, crc32=zlib.crc32(b)))
-            off += len(b)
+            off += b.nbytes
     with atomic_write(d/f'{name}.parquet') as f: pd.DataFrame(rows).to_parquet(f, index=False)
     return d/f'{name}.parquet'
 
@@ -156,9 +157,11 @@ def plan_items(index_dir:Path|str,            # a manifest folder written by `rw
     two, three = inst[~vol], inst[vol]
     rows = [dict(item_key=r.instance_uid, kind='2d', files=[r.path], frames=int(r.frames or 1), **{c: getattr(r, c) for c in _KEYS})
             for r in two.itertuples()]
-    for uid, g in three.groupby('series_uid', sort=True):
-        r = g.iloc[0]
-        rows.append(dict(item_key=uid, kind='3d', files=list(g.path), frames=len(g), **{c: r[c] for c in _KEYS}))
+    series = {}
+    for r in three.itertuples(): series.setdefault(r.series_uid, []).append(r)  # (a pandas groupby over string columns took 10x longer)
+    for uid in sorted(series):
+        g = series[uid]
+        rows.append(dict(item_key=uid, kind='3d', files=[x.path for x in g], frames=len(g), **{c: getattr(g[0], c) for c in _KEYS}))
     items = pd.DataFrame(rows, columns=['item_key', 'kind', 'files', 'frames', *_KEYS])
     if split is None: split = _one(index_dir, 'split_*.parquet', 'split')
     sp = split if isinstance(split, pd.DataFrame) or split is None else read_table(split)
@@ -181,23 +184,34 @@ def _file_hash(path):
         while b := f.read(1 << 20): h.update(b)
     return h.hexdigest()
 
-def source_hashes(root:Path, files:list, cache:Path, threads:int=2) -> dict:
-    "path -> content hash of each file, reusing `cache` (a Parquet of path, size, mtime_ns, hash) for unchanged files."
-    from concurrent.futures import ThreadPoolExecutor
+def _cached_hashes(root, files, cache):
+    "(hash of each file unchanged since `cache` was written, (size, mtime_ns) of every file)."
     old = {}
     if cache.is_file():
         t = pd.read_parquet(cache)
         old = {(p, s, m): h for p, s, m, h in zip(t.path, t.file_size, t.mtime_ns, t.hash)}
-    keys = [(p, (st := os.stat(root/p)).st_size, st.st_mtime_ns) for p in files]
-    new = [k for k in keys if k not in old]
-    with ThreadPoolExecutor(max(1, threads)) as ex:  # hashlib releases the GIL on large buffers: threads hash in parallel
-        old.update(zip(new, ex.map(lambda k: _file_hash(root/k[0]), new)))
-    out, rows = {}, []
-    for k in keys:
-        out[k[0]] = old[k]; rows.append((*k, old[k]))
+    stats = {p: ((st := os.stat(root/p)).st_size, st.st_mtime_ns) for p in files}
+    return {p: h for p, k in stats.items() if (h := old.get((p, *k)))}, stats
+
+def _save_hashes(cache, stats, hashes):
+    "Write `cache`: path, size and mtime (as stat'ed before hashing) and hash of every hashed file."
+    rows = [(p, s, m, hashes[p]) for p, (s, m) in stats.items() if p in hashes]
     with atomic_write(cache) as f:
         pd.DataFrame(rows, columns=['path', 'file_size', 'mtime_ns', 'hash']).to_parquet(f, index=False)
-    return out
+
+def source_hashes(root:Path, files:list, cache:Path, threads:int=2) -> dict:
+    "path -> content hash of each file, reusing `cache` (a Parquet of path, size, mtime_ns, hash) for unchanged files."
+    from concurrent.futures import ThreadPoolExecutor
+    known, stats = _cached_hashes(root, files, cache)
+    new = [p for p in files if p not in known]
+    with ThreadPoolExecutor(max(1, threads)) as ex:  # hashlib releases the GIL on large buffers: threads hash in parallel
+        known.update(zip(new, ex.map(lambda p: _file_hash(root/p), new)))
+    _save_hashes(cache, stats, known)
+    return {p: known[p] for p in files}
+
+def _source_hash(file_hashes) -> str:
+    "The hash of an item's sources: of its files' hashes, in any order."
+    return hashlib.blake2b('\x1f'.join(sorted(file_hashes)).encode(), digest_size=16).hexdigest()
 
 def cache_key(source_hash:str, settings_fp:str) -> str:
     "The cache key of an item: its sources and the settings that shape it."
@@ -223,31 +237,52 @@ def center_fit(x:np.ndarray, # channel-first array (C, *spatial)
               ) -> np.ndarray:
     "`x` centre-cropped and/or padded with `value` to `size` on its spatial axes (what MONAI's `ResizeWithPadOrCrop` does)."
     out = np.full((x.shape[0], *size), value, dtype=np.float32)
-    src, dst = [slice(None)], [slice(None)]
-    for n, m in zip(x.shape[1:], size):
-        if n >= m: a = (n - m) // 2; src.append(slice(a, a + m)); dst.append(slice(None))
-        else: a = (m - n) // 2; src.append(slice(None)); dst.append(slice(a, a + n))
-    out[tuple(dst)] = x[tuple(src)]
+    fit = [_fit_axis(n, m) for n, m in zip(x.shape[1:], size)]
+    out[(slice(None), *(d for _, d in fit))] = x[(slice(None), *(s for s, _ in fit))]
     return out
 
-def _resize_3d(x, spacing, target_spacing, target_size):
-    "(1, D, H, W) resampled to `target_spacing` by a per-axis resize (MONAI), then centre-cropped or padded at its minimum."
+def _fit_axis(n, m):
+    "(the part of an axis of length `n` that a centred crop or pad to `m` keeps, where it goes)."
+    if n >= m: a = (n - m) // 2; return slice(a, a + m), slice(None)
+    a = (m - n) // 2; return slice(None), slice(a, a + n)
+
+def _interpolate(x, size, mode):
+    "Channel-first `x` resized to spatial `size` with `torch.nn.functional.interpolate` (what MONAI's `Resize` calls), as float32."
     import torch
-    from monai.transforms import Resize
+    size = tuple(int(v) for v in size)
+    if tuple(x.shape[1:]) == size: return np.asarray(x, dtype=np.float32)  # MONAI returns its input unchanged too
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return torch.nn.functional.interpolate(t[None], size=size, mode=mode)[0].numpy()
+
+def _resize_3d(x, spacing, target_spacing, target_size):
+    "(1, D, H, W) resampled to `target_spacing` (trilinear, one axis at a time), then centre-cropped or padded at its minimum."
+    import torch
     new = [max(1, int(round(n * s / t))) for n, s, t in zip(x.shape[1:], spacing, target_spacing)]
-    y = Resize(spatial_size=new, mode='trilinear', anti_aliasing=False)(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-    return center_fit(np.asarray(y, dtype=np.float32), tuple(target_size), float(x.min()))
+    v = np.ascontiguousarray(_interpolate(np.asarray(x[0]), new[1:], 'bilinear'))  # each slice in its own plane: (D, H', W')
+    d, m = v.shape[0], new[0]
+    fit = [_fit_axis(n, t) for n, t in zip((m, *v.shape[1:]), target_size)]  # the centred crop or pad of each axis
+    keep = torch.arange(m, dtype=torch.float32)[fit[0][0]]  # the slices the crop keeps: only those are computed
+    src = ((keep + 0.5) * (d / m) - 0.5).clamp(min=0)  # torch's linear sampling (align_corners=False), slices only
+    i0 = src.long().clamp(max=d - 1)
+    t = torch.from_numpy(v)[:, fit[1][0], fit[2][0]]
+    out = np.full((1, *target_size), float(x.min()), np.float32)
+    dst = torch.from_numpy(out)[(0, *(b for _, b in fit))]  # written in place, no cropped copy
+    torch.lerp(t[i0], t[(i0 + 1).clamp(max=d - 1)], (src - i0).clamp(0, 1)[:, None, None], out=dst)
+    return out
 
 def _resize_2d(x, size):
-    "(C, H, W) resized so the longer side is `size` (aspect kept, MONAI `Resize`), then padded to size x size at its minimum."
-    from monai.transforms import Resize
-    return center_fit(np.asarray(Resize(spatial_size=size, size_mode='longest', mode='area')(x), dtype=np.float32), (size, size), float(x.min()))
+    "(C, H, W) resized so the longer side is `size` (aspect kept, area averaging), then padded to size x size at its minimum."
+    scale = size / max(x.shape[1:])
+    y = _interpolate(x, [int(round(n * scale)) for n in x.shape[1:]], 'area')  # MONAI's size_mode='longest' arithmetic
+    return center_fit(y, (size, size), float(x.min()))
 
-def make_item(root:Path, item:dict, settings:PreprocessSettings) -> tuple:
+def make_item(root:Path, item:dict, settings:PreprocessSettings,
+              sources:list|None=None, # datasets of `item['files']`, in order, if they have been read already
+             ) -> tuple:
     "(float32 array (C,H,W) or (1,D,H,W), extra row fields) of one item."
     from rwid_nb.data.dicom import read_instance, load_series
     if item['kind'] == '2d':
-        p = root/item['files'][0]
+        p = sources[0] if sources else root/item['files'][0]
         n = int(item.get('frames') or 1)
         img = read_instance(p, frames=(0 if settings.frame == 'first' else n // 2) if n > 1 else None)  # one frame of a cine
         px = img.pixels
@@ -258,7 +293,7 @@ def make_item(root:Path, item:dict, settings:PreprocessSettings) -> tuple:
         sp = [img.spacing_mm[0] * f, img.spacing_mm[1] * f] if img.spacing_mm else None
         units = img.units
     else:
-        vol = load_series([root/p for p in item['files']], on_issue='flag')
+        vol = load_series(sources or [root/p for p in item['files']], on_issue='flag')
         s = settings.applies(item['modality'], '3d')
         if vol.pixels.ndim != 3 or not np.isfinite(vol.spacing_mm).all():
             raise ValueError(f"series {item['item_key']}: not a grey volume with a known spacing ({vol.pixels.shape}, {vol.spacing_mm})")
@@ -268,43 +303,64 @@ def make_item(root:Path, item:dict, settings:PreprocessSettings) -> tuple:
     lo, hi = (float(v) for v in np.percentile(y[:, ::3, ::3] if y.ndim == 3 else y[:, :, ::3, ::3], [0.5, 99.5]))
     return y, dict(spacing_mm=sp, units=units, value_lo=lo, value_hi=hi)
 
-# %% ../../nbs/15_data.shards.ipynb #c023
+# %% ../../nbs/15_data.shards.ipynb #c027
 def _worker_init():
     "A forked worker runs torch on one thread, as DataLoader workers do (OpenMP's pool does not survive a fork)."
     import torch
     torch.set_num_threads(1)
 
 def _make_shard(job):
-    "Worker: build a chunk of items and write them as one shard. Returns (built, [(item_key, reason), ...])."
+    "Worker: build a chunk of items as one shard. Returns (built, [(item_key, reason)], {path: new hash}, found built, shard)."
+    from rwid_nb.data.dicom import read_file
     root, out, items, settings = job
-    good, bad = [], []
+    root, good, bad, hashed, found = Path(root), [], [], {}, 0
     for it in items:
         try:
-            arr, extra = make_item(Path(root), it, settings)
+            datas = [(root/p).read_bytes() for p in it['files']]  # each file read once: hashed if need be, then decoded
+            new = {p: hashlib.blake2b(b, digest_size=16).hexdigest() for p, b in zip(it['files'], datas) if it['hashes'][p] is None}
+            hashed.update(new)
+            if not isinstance(it['cache_key'], str):  # (a missing key is NaN in pandas' string columns, not None)
+                sh = _source_hash({**it['hashes'], **new}.values())
+                it = dict(it, source_hash=sh, cache_key=cache_key(sh, it['settings_fp']))
+                if it['cache_key'] in it['built']: found += 1; continue  # touched, not changed: its shard is current
+            sources = []
+            for k, p in enumerate(it['files']): sources.append(read_file(root/p, datas[k])); datas[k] = None
+            arr, extra = make_item(root, it, settings, sources)
             good.append((dict({k: it[k] for k in _SHARD_ROW}, **extra), arr))
         except Exception as e:  # one bad series must not stop the run; its reason is kept
             bad.append((it['item_key'], f"{type(e).__name__}: {str(e)[:300]}"))
-    if good: write_items(out, good)
-    return len(good), bad
+    return len(good), bad, hashed, found, (str(write_items(out, good)) if good else None)
 
 _SHARD_ROW = ['item_key', 'kind', 'modality', 'cache_key', 'source_hash', 'settings_fp']
 PIXEL_FIELDS = ['spacing_mm', 'units', 'value_lo', 'value_hi']
 
-def _shard_rows(out):
-    "Every row of every complete shard (one with its .parquet), with the shard it is in."
+def _shard_rows(out, seen:dict|None=None):
+    "Every row of every complete shard (one with its .parquet), with the shard it is in; `seen` keeps the tables read."
+    seen = {} if seen is None else seen
     fs = sorted((Path(out)/'shards').glob('*.parquet'))
     if not fs: return pd.DataFrame(columns=_SHARD_ROW + PIXEL_FIELDS + STORAGE_COLUMNS)
-    return pd.concat([pd.read_parquet(f) for f in fs], ignore_index=True)
+    return pd.concat([seen[str(f)] if str(f) in seen else seen.setdefault(str(f), pd.read_parquet(f)) for f in fs], ignore_index=True)
 
 def _item_keys(items, settings, hashes):
     "Source hash, settings fingerprint and cache key of each item whose files are all hashed (else None: pending)."
     src, fps, keys = [], [], []
     for files, mod, kind in zip(items.files, items.modality, items.kind):
         hs = [hashes.get(p) for p in files]
-        sh = hashlib.blake2b('\x1f'.join(sorted(hs)).encode(), digest_size=16).hexdigest() if all(hs) else None
+        sh = _source_hash(hs) if all(hs) else None
         fp = settings.fingerprint(mod, kind)
         src.append(sh); fps.append(fp); keys.append(cache_key(sh, fp) if sh else None)
     return items.assign(source_hash=src, settings_fp=fps, cache_key=keys)
+
+def _jobs(recs, costs, n_jobs, cap, shrink=0.75):
+    "`recs` in `n_jobs` lists of at most `cap` items whose total costs shrink by `shrink` from one list to the next."
+    import heapq
+    size = [shrink**j for j in range(n_jobs)]  # the share of the work each list is meant to get
+    heap, jobs, load = [(0.0, j) for j in range(n_jobs)], [[] for _ in range(n_jobs)], [0]*n_jobs
+    for k in sorted(range(len(recs)), key=lambda k: -costs[k]):  # largest first, each to the list furthest below its share
+        _, j = heapq.heappop(heap)
+        jobs[j].append(recs[k]); load[j] += costs[k]
+        if len(jobs[j]) < cap: heapq.heappush(heap, (load[j]/size[j], j))
+    return [j for j in jobs if j]
 
 def preprocess(index_dir:Path|str,          # a manifest folder written by `rwid index` (audited)
                out:Path|str,                # the shards folder (created if missing; re-runnable in place)
@@ -330,39 +386,58 @@ def preprocess(index_dir:Path|str,          # a manifest folder written by `rwid
     hashes = {}
     for f in sorted(out.glob('.filehash-*.parquet')):  # every shard's hashes: the index needs all items' keys
         t = pd.read_parquet(f); hashes.update(zip(t.path, t.hash))
-    hashes.update(source_hashes(root, sorted({p for fs in mine.files for p in fs}), out/f'.filehash-{i}-of-{n}.parquet',
-                                threads=int(workers or os.cpu_count() or 1)))
+    cache = out/f'.filehash-{i}-of-{n}.parquet'
+    known, stats = _cached_hashes(root, sorted({p for fs in mine.files for p in fs}), cache)
+    hashes.update({p: known.get(p) for p in stats})  # a new or changed file: no hash yet, its worker hashes it
     items = _item_keys(items, settings, hashes)
-    have = set(_shard_rows(out).cache_key)
-    todo = items[items.item_key.isin(set(mine.item_key)) & ~items.cache_key.isin(have)]
+    seen = {}  # shard tables read so far: each is read once, the new ones while the workers are busy
+    rows = _shard_rows(out, seen)
+    have, built = set(rows.cache_key), rows.groupby('item_key').cache_key.agg(frozenset).to_dict()
+    todo = items[items.item_key.isin(set(mine.item_key)) & ~items.cache_key.isin(have)]  # a pending key is never in `have`
     recs = todo[['files', 'frames', *_SHARD_ROW, 'study_key']].to_dict('records')
+    for r in recs: r.update(hashes={p: hashes[p] for p in r['files']}, built=built.get(r['item_key'], frozenset()))
     nw = max(1, int(workers or os.cpu_count() or 1))
     per = max(1, min(int(items_per_shard), -(-len(recs) // (4 * nw))))  # at least four jobs per worker: no idle tail
-    jobs = [(str(root), str(out), recs[k:k + per], settings) for k in range(0, len(recs), per)]
-    failed = []
+    cost = [sum(stats[p][0] + (1 << 16) for p in r['files']) for r in recs]  # bytes to read, and a toll per file
+    jobs = [(str(root), str(out), js, settings) for js in _jobs(recs, cost, -(-len(recs) // per), max(per, int(items_per_shard)))]
+    failed, n_built, n_found, new = [], 0, 0, {}
+    def done(k, b, h, f, shard):
+        nonlocal n_built, n_found
+        n_built += k; failed.extend(b); new.update(h); n_found += f; bar.update(k + len(b) + f)
+        if shard: seen[shard] = pd.read_parquet(shard)
     if jobs:
-        import monai  # noqa: F401  (imported once here, inherited by the forked workers)
-        nw = min(nw, len(jobs))
+        import torch  # noqa: F401  (imported once here, inherited by the forked workers)
+        nw, pool = min(nw, len(jobs)), None
+        if nw > 1:
+            ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else mp.get_context()
+            pool = ProcessPoolExecutor(nw, mp_context=ctx, initializer=_worker_init)
         bar = tqdm(total=len(recs), desc='preprocessing', unit='item', disable=not progress, mininterval=0.5)
         try:
-            if nw == 1:
-                for j in jobs: k, b = _make_shard(j); bar.update(k + len(b)); failed += b
+            if pool is None:  # in this process, on one torch thread like a worker (more threads cost more than they give here)
+                threads = torch.get_num_threads(); torch.set_num_threads(1)
+                try:
+                    for j in jobs: done(*_make_shard(j))
+                finally: torch.set_num_threads(threads)
             else:
-                ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else mp.get_context()
-                with ProcessPoolExecutor(nw, mp_context=ctx, initializer=_worker_init) as ex:
-                    for fu in as_completed([ex.submit(_make_shard, j) for j in jobs]):
-                        k, b = fu.result(); bar.update(k + len(b)); failed += b
+                for fu in as_completed([pool.submit(_make_shard, j) for j in jobs]): done(*fu.result())
+        except BaseException:
+            if pool is not None: pool.shutdown(wait=True, cancel_futures=True)
+            raise
         finally: bar.close()
-    res = _write_index(out, items, failed, n)
-    res.update(built=len(recs) - len(failed), reused=int(len(mine) - len(recs)), failed_now=len(failed), shard=f'{i}/{n}' if n > 1 else None,
+        if pool is not None: pool.shutdown(wait=False)  # all done: the workers exit while the index is written
+    if new or not cache.is_file() or len(known) < len(stats): _save_hashes(cache, stats, {**known, **new})
+    items = _item_keys(items, settings, {**hashes, **new})
+    res = _write_index(out, items, failed, n, seen)
+    res.update(built=n_built, reused=int(len(mine) - n_built - len(failed)), failed_now=len(failed), shard=f'{i}/{n}' if n > 1 else None,
                settings=dataclasses.asdict(settings), elapsed_s=round(time.perf_counter() - t0, 2))
     with atomic_write(out/'preprocess.json', 'w') as f: json.dump(res, f, indent=1)
     if progress: print(format_preprocess(res))
     return res
 
-def _write_index(out, items, failed, n):
+def _write_index(out, items, failed, n, seen=None):
     "Write index.parquet (current items found in complete shards), failed.parquet; delete shards no current item uses."
-    rows = _shard_rows(out)
+    seen = {} if seen is None else seen
+    rows = _shard_rows(out, seen)
     cur = items[items.cache_key.notna()]
     got = rows[rows.cache_key.isin(set(cur.cache_key))].drop_duplicates('cache_key')
     meta = cur.drop(columns=['files', 'frames', 'kind', 'modality', 'source_hash', 'settings_fp'])
@@ -377,7 +452,8 @@ def _write_index(out, items, failed, n):
     used, pending_keys = set(idx.shard), set(items.item_key[items.cache_key.isna()])
     removed = 0
     for pq_file in sorted((out/'shards').glob('*.parquet')):
-        r = pd.read_parquet(pq_file, columns=['item_key', 'shard'])
+        r = seen.get(str(pq_file))
+        if r is None: r = pd.read_parquet(pq_file, columns=['item_key', 'shard'])
         if r.shard.iloc[0] not in used and not set(r.item_key) & pending_keys:
             (out/r.shard.iloc[0]).unlink(missing_ok=True); pq_file.unlink(); removed += 1
     return dict(items=len(items), indexed=len(idx), failed=len(fail), pending=int(len(items) - len(idx) - len(fail)),
