@@ -252,7 +252,8 @@ def _demo_train(s, shards, args):
         rows = [('val_loss', 'lower'), ('val_i2t_R@1', 'higher'), ('val_t2i_R@1', 'higher'), ('val_i2t_R@5', 'higher')]
         print(f"\nmulti-site validation ({h[0]['val_items']} images): baseline -> fine-tuned (best, step {best['step']})")
         for k, better in rows: print(f"  {k:12s} {_fmt(h[0][k])} -> {_fmt(best[k])}   ({better} is better)")
-    print(f"\nW&B runs (offline): {runs/'baseline'/'wandb'} and {runs/'finetune'/'wandb'} (upload later with `wandb sync`)")
+    if s.tracking_mode == 'offline':
+        print(f"\nW&B runs (offline): {runs/'baseline'/'wandb'} and {runs/'finetune'/'wandb'} (upload later with `wandb sync`)")
 
 def _fmt(v): return 'n/a' if v is None else f"{v:.3f}"
 

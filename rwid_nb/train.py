@@ -419,7 +419,8 @@ def save(self:Trainer, which:str='last', # 'last' (resumable) or 'best' (a model
     if self.world.is_main:
         path = save_checkpoint(self.ckpt_dir/which, self.model, state, merge_lora=which == 'best' and self.cfg.merge_lora,
                                extra={'metrics.json': dict(metrics or {}, step=self.step, epoch=self.epoch)} if which == 'best' else None)
-        if self.tracker is not None:
+        # W&B copies an artifact's files: best/ each time it improves, last/ once when the run ends (`fit`)
+        if self.tracker is not None and which == 'best':
             self.tracker.log_checkpoint(path, f'model-{self.out.name}', [which], dict(metrics or {}, step=self.step))
     self._barrier()
     return path
@@ -509,6 +510,8 @@ def fit(self:Trainer, resume:bool=False, # continue from checkpoints/last if it 
     while self.epoch < self.cfg.epochs and self.step < self.total_steps and not stop:
         stop = self._run_epoch(live)
     if live: live.update(self.step, force=True)
+    if self.tracker is not None and self.world.is_main and (self.ckpt_dir/'last').is_dir():
+        self.tracker.log_checkpoint(self.ckpt_dir/'last', f'model-{self.out.name}', ['last'], dict(step=self.step))
     summary = dict(steps=self.step, epochs_done=self.epoch, resumed=resumed, best=self.best, monitor=self.cfg.monitor,
                    seconds=time.perf_counter() - t0, history=self.history, run_dir=str(self.out),
                    world_size=self.world.world_size, early_stopped=stop, trainable=trainer_params(self.model))
