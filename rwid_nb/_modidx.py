@@ -283,6 +283,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'rwid_nb.data.index._date_shift': ('data.index.html#_date_shift', 'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._day_number': ('data.index.html#_day_number', 'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._decoder_problem': ('data.index.html#_decoder_problem', 'rwid_nb/data/index.py'),
+                                    'rwid_nb.data.index._default_memory_limit': ( 'data.index.html#_default_memory_limit',
+                                                                                  'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._deid_codes': ('data.index.html#_deid_codes', 'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._element_getter': ('data.index.html#_element_getter', 'rwid_nb/data/index.py'),
                                     'rwid_nb.data.index._element_header': ('data.index.html#_element_header', 'rwid_nb/data/index.py'),

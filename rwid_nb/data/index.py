@@ -1308,7 +1308,12 @@ def _cleanup_other_shardings(parts, n):
     for f in parts.glob('pixels-*-of-*.parquet'):
         if not f.name.endswith(f'-of-{n}.parquet'): f.unlink()
 
-DUCKDB_MEMORY_LIMIT = None  # None: 64 MiB per DuckDB thread, at least 128 MiB; or a DuckDB size such as '1GB'
+DUCKDB_MEMORY_LIMIT = None  # None: an eighth of this machine's memory, 128 MiB to 2 GiB; or a DuckDB size such as '1GB'
+
+def _default_memory_limit() -> str:
+    try: total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**20
+    except (ValueError, OSError, AttributeError): total = 4096
+    return f'{max(128, min(2048, total // 8))}MB'
 
 def _threads(workers):
     return max(1, int(workers or os.cpu_count() or 1))
@@ -1316,7 +1321,7 @@ def _threads(workers):
 def _connect(parts, workers=None):
     "DuckDB for listing, compaction and manifests: bounded memory, spilling to `.parts/duckdb-tmp`; one thread until `SET threads`."
     # (one thread while the scan runs: the workers have the cores, and a pixel-check pool may still be forked later)
-    limit = DUCKDB_MEMORY_LIMIT or f'{max(128, 64 * _threads(workers))}MB'
+    limit = DUCKDB_MEMORY_LIMIT or _default_memory_limit()
     return duckdb.connect(config={'temp_directory': str(parts/'duckdb-tmp'), 'preserve_insertion_order': False,
                                   'memory_limit': limit, 'threads': 1})
 
