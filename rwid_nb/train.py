@@ -16,13 +16,13 @@ from tqdm.auto import tqdm
 
 from .core import atomic_write, get_logger, stable_seed
 from .data.dataset import ImageReportDataset, make_loader
-from .models.clip import ClipModel, configure_finetuning, param_groups
+from .models.clip import ClipModel, configure_finetuning, param_groups, trainable_summary
 from .models.losses import ContrastiveLoss, group_ids, retrieval_metrics
 
 # %% auto #0
 __all__ = ['MODES', 'LOSSES', 'PRECISIONS', 'STATE_FILE', 'TrainConfig', 'load_config', 'cpu_has_native_bf16', 'precision_plan',
            'lr_factor', 'World', 'init_distributed', 'save_checkpoint', 'find_checkpoint', 'Trainer', 'item_ranks',
-           'LivePlot', 'build_model', 'build_datasets', 'use_deterministic', 'train', 'trainer_params']
+           'LivePlot', 'build_model', 'build_datasets', 'use_deterministic', 'train']
 
 # %% ../nbs/30_train.ipynb #c005
 _log = get_logger(__name__)
@@ -276,10 +276,8 @@ from fastcore.basics import patch
 
 @patch
 def _set_modes(self:Trainer):
-    "Train mode, except towers (and batch norms) with nothing to train, which stay exactly as they are."
+    "Train mode, except towers with nothing to train, which stay exactly as they are (`ClipModel.train` keeps frozen batch norms in eval)."
     self.model.train()
-    for m in self.model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()): m.eval()
     for t in (self.model.image_tower, self.model.text_tower):
         if not any(p.requires_grad for p in t.parameters()): t.eval()
 
@@ -514,7 +512,7 @@ def fit(self:Trainer, resume:bool=False, # continue from checkpoints/last if it 
         self.tracker.log_checkpoint(self.ckpt_dir/'last', f'model-{self.out.name}', ['last'], dict(step=self.step))
     summary = dict(steps=self.step, epochs_done=self.epoch, resumed=resumed, best=self.best, monitor=self.cfg.monitor,
                    seconds=time.perf_counter() - t0, history=self.history, run_dir=str(self.out),
-                   world_size=self.world.world_size, early_stopped=stop, trainable=trainer_params(self.model))
+                   world_size=self.world.world_size, early_stopped=stop, trainable=trainable_summary(self.model)['all'])
     if self.world.is_main:
         with atomic_write(self.out/'summary.json', 'w') as f: json.dump(summary, f, indent=1, default=float)
     return summary
@@ -634,8 +632,3 @@ def train(data:Path|str,                 # a shards folder (`rwid preprocess`)
     if world.is_main: _log.info(repr(trainer))
     try: return trainer.fit(resume=resume, plot=plot)
     finally: tracker.finish()
-
-def trainer_params(model:nn.Module) -> dict:
-    "Trainable and total parameter counts."
-    ps = list(model.parameters())
-    return dict(trainable=sum(p.numel() for p in ps if p.requires_grad), total=sum(p.numel() for p in ps))

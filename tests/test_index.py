@@ -310,8 +310,17 @@ def test_tight_memory_limit_gives_the_same_manifests(phantom, tmp_path, monkeypa
     assert res['files_seen'] == ref['files_seen'] > 500 and res['audit'] == ref['audit']
     assert_same_manifests(out, tmp_path/'default')
     assert pq.ParquetFile(out/'instances.parquet').metadata.num_row_groups >= res['indexed'] // 97
+    # the first run's scan file gathers the 64-file parts into row groups of at least SORT_ROWS records (a row group per
+    # part made the writer's metadata grow with the delivery)
+    scan = pq.ParquetFile(out/'.parts'/'scan-0-of-1.parquet').metadata
+    assert scan.num_rows == res['files_seen'] and scan.num_row_groups <= res['files_seen'] // 97 + 1
+    # the manifest step's working database is gone; a killed run's (here: junk) is replaced, not opened
+    work = out/'.parts'/'manifests.duckdb'
+    assert not work.exists()
+    work.write_bytes(b'left by a killed run'); work.with_name(work.name + '.wal').write_bytes(b'junk')
     # a rerun finds nothing new and compacts the records again, through the same ranged writer: still sorted, same tables
     again = index_dicom(phantom/'dicom', out, **kw)
+    assert not work.exists() and not work.with_name(work.name + '.wal').exists()
     assert again['scanned'] == 0 and again['reused'] == ref['files_seen']
     paths = pq.read_table(out/'.parts'/'scan-0-of-1.parquet', columns=['path'])['path'].to_pylist()
     assert paths == sorted(paths) and len(paths) == ref['files_seen']

@@ -837,11 +837,15 @@ def _chunk_sizes(total, size, workers):
         k = size if left > 2 * nw * size else max(16, min(size, -(-left // (2 * nw))))
         yield min(k, left); i += k
 
+def _file_chunks(path, sizes):
+    "Lists of row tuples of the Parquet file `path`, of the lengths `sizes`, read a batch at a time."
+    f = pq.ParquetFile(path)
+    rows = (r for b in f.iter_batches(batch_size=4096, use_threads=False) for r in zip(*(c.to_pylist() for c in b.columns)))
+    for k in sizes: yield list(itertools.islice(rows, k))
+
 def _todo_chunks(todo, size, workers):
     "Chunks of `(path, size, mtime_ns)` read from the sorted `todo` file a batch at a time, sized by `_chunk_sizes`."
-    f = pq.ParquetFile(todo)
-    rows = (r for b in f.iter_batches(batch_size=4096, use_threads=False) for r in zip(*(c.to_pylist() for c in b.columns)))
-    for k in _chunk_sizes(f.metadata.num_rows, size, workers): yield list(itertools.islice(rows, k))
+    return _file_chunks(todo, _chunk_sizes(pq.read_metadata(todo).num_rows, size, workers))
 
 # %% ../../nbs/11_data.index.ipynb #c059
 INSTANCE_COLUMNS = [
@@ -867,16 +871,17 @@ TABLES = ('instances', 'series', 'studies', 'quarantine', 'report_links')
 
 def _most_common(table, key, text_cols, num_cols=(), extra=''):
     "Rows `(key, name, v, x ...)`: per `key` and column `name`, its most common non-null value (text in `v`, numbers in `x`)."
-    # long form (key, column, value) -> a count per value -> the first by (count desc, value) in each (key, column). An
-    # aggregate over keys and a sorted window both spill to disk; ordered aggregates (`first(v ORDER BY n DESC, v)`) and
-    # one join per column, the obvious SQL, hold their state in memory
+    # long form (key, column, value) -> a count n per value -> per (key, column) the value with the smallest (-n, value):
+    # two hash aggregates, which spill to disk. `extra` adds aggregates over a (key, column)'s distinct values. Windows
+    # (`row_number() OVER (PARTITION BY key, name ORDER BY n DESC, v)`), ordered aggregates and one join per column, the
+    # obvious SQL, ran out of memory or hold their state in memory
     un = lambda cols, cast: (f"UNPIVOT (SELECT {key}, {', '.join(f'{c}::{cast} AS {c}' for c in cols)} FROM {table}) "
                              f"ON {', '.join(cols)} INTO NAME name VALUE val")  # UNPIVOT drops NULL values
     q = f"SELECT {key}, name, val AS v, NULL::DOUBLE AS x FROM ({un(text_cols, 'VARCHAR')})"
     if num_cols: q += f" UNION ALL SELECT {key}, name, NULL::VARCHAR, val FROM ({un(num_cols, 'DOUBLE')})"  # numbers order as numbers
-    return (f"SELECT {key}, name, v, x{extra} FROM (SELECT {key}, name, v, x, count(*) AS n FROM ({q}) GROUP BY ALL) "
-            f"WINDOW p AS (PARTITION BY {key}, name ORDER BY n DESC, v, x ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) "
-            f"QUALIFY row_number() OVER p = 1")  # ties: the smallest value
+    first = "(-n, v, x)"  # most common first; ties: the smallest value
+    return (f"SELECT {key}, name, arg_min(v, {first}) AS v, arg_min(x, {first}) AS x{extra} "
+            f"FROM (SELECT {key}, name, v, x, count(*) AS n FROM ({q}) GROUP BY ALL) GROUP BY {key}, name")
 
 def _pivot(cols, casts={}):
     "Select list turning `_most_common` rows back into one column per name (numbers cast back by `casts`)."
@@ -890,17 +895,18 @@ def _part_of_first(n):
 # %% ../../nbs/11_data.index.ipynb #c060
 def _link_reports(con):
     "Create `links` (one row per linked study) from `inst` and the registered `rep` table."
-    con.execute("""CREATE TEMP TABLE folders AS SELECT DISTINCT study_key, unnest(list_slice(string_split(path, '/'), 1,
+    con.execute("""CREATE TABLE folders AS SELECT DISTINCT study_key, unnest(list_slice(string_split(path, '/'), 1,
                    len(string_split(path, '/')) - 1)) AS folder FROM inst""")
-    con.execute("""CREATE TEMP TABLE links AS
+    con.execute("""CREATE TABLE links AS
       WITH cand AS (
         SELECT DISTINCT i.study_key, r.report_key, 1 AS prio, 'AccessionNumber' AS matched_by FROM inst i
           JOIN rep r ON i.study_key_source = 'AccessionNumber' AND r.report_key = i.study_key
         UNION ALL SELECT DISTINCT i.study_key, r.report_key, 2, 'StudyInstanceUID' FROM inst i JOIN rep r ON r.report_key = i.study_uid
         UNION ALL SELECT f.study_key, r.report_key, 3, 'folder' FROM folders f JOIN rep r ON r.report_key = f.folder
-          WHERE f.folder IN (SELECT folder FROM folders GROUP BY folder HAVING count(DISTINCT study_key) = 1))
-      SELECT study_key, report_key, matched_by FROM cand QUALIFY row_number() OVER (PARTITION BY study_key ORDER BY prio, report_key) = 1""")
-    con.execute("CREATE TEMP TABLE links2 AS SELECT l.*, r.report_chars, r.report_audit_findings FROM links l JOIN rep r USING (report_key)")
+          WHERE f.folder IN (SELECT folder FROM folders GROUP BY folder HAVING count(*) = 1))
+      SELECT study_key, arg_min(report_key, (prio, report_key)) AS report_key, arg_min(matched_by, (prio, report_key)) AS matched_by
+      FROM cand GROUP BY study_key""")
+    con.execute("CREATE TABLE links2 AS SELECT l.*, r.report_chars, r.report_audit_findings FROM links l JOIN rep r USING (report_key)")
 
 _NO_LIST = "[]::VARCHAR[]"
 _STATUS_SQL = "['clean', 'flagged', 'quarantined'][{} + 1]"  # severity 0/1/2 -> status (`AUDIT_STATUSES`)
@@ -913,18 +919,18 @@ def _build_tables(con, scans, reports, n, pixel_findings=None):
     "Views `rec2` (every file), `inst0` and `ia` (indexed) over the scan files, and the tables the manifests need."
     con.execute(f"CREATE TEMP VIEW rec AS SELECT * FROM read_parquet([{', '.join(map(_sql_str, scans))}], union_by_name=true)")
     # narrow side tables, so the wide records stream from disk and are never held: duplicates to demote, first days
-    con.execute("""CREATE TEMP TABLE dups AS SELECT path, keeper FROM (SELECT path, row_number() OVER w AS k,
-        first_value(path) OVER w AS keeper FROM rec WHERE reason IS NULL WINDOW w AS (PARTITION BY instance_uid ORDER BY path))
-        WHERE k > 1""")
+    con.execute("""CREATE TABLE dups AS WITH k AS (SELECT instance_uid, min(path) AS keeper FROM rec WHERE reason IS NULL
+        GROUP BY instance_uid HAVING count(*) > 1)
+        SELECT r.path, k.keeper FROM rec r JOIN k USING (instance_uid) WHERE r.reason IS NULL AND r.path <> k.keeper""")
     con.execute("""CREATE TEMP VIEW rec2 AS SELECT r.* REPLACE (
         CASE WHEN d.keeper IS NULL THEN r.reason ELSE 'duplicate_instance' END AS reason,
         CASE WHEN d.keeper IS NULL THEN r.detail ELSE 'same SOPInstanceUID as ' || d.keeper END AS detail)
         FROM rec r LEFT JOIN dups d USING (path)""")
-    con.execute("""CREATE TEMP TABLE first_day AS SELECT patient_key, min(_study_day) AS d0 FROM rec2
+    con.execute("""CREATE TABLE first_day AS SELECT patient_key, min(_study_day) AS d0 FROM rec2
                    WHERE reason IS NULL GROUP BY patient_key""")
     con.execute("""CREATE TEMP VIEW inst0 AS SELECT r.*, r._study_day - f.d0 AS study_date_offset FROM rec2 r
                    LEFT JOIN first_day f USING (patient_key) WHERE r.reason IS NULL""")
-    con.execute(f"""CREATE TEMP TABLE agg AS SELECT {', '.join(_AGG_COLUMNS)} FROM inst0""")  # what aggregates read
+    con.execute(f"""CREATE TABLE agg AS SELECT {', '.join(_AGG_COLUMNS)} FROM inst0""")  # what aggregates read
     rep = reports if reports is not None else REPORTS_SCHEMA.empty_table()
     con.register('rep', rep)
     con.register('pixf', pixel_findings if pixel_findings is not None else PIXEL_FINDINGS_SCHEMA.empty_table())
@@ -936,29 +942,32 @@ def _build_tables(con, scans, reports, n, pixel_findings=None):
         FROM inst0 i LEFT JOIN pixf p USING (path)""")
     con.execute("CREATE TEMP VIEW inst AS SELECT * FROM agg")
     _link_reports(con)
-    # per study, one table at a time (a query holds its operators' state; a finished table can spill): most common
-    # values with the distinct StudyInstanceUIDs (count, smallest), series and modalities; the audit (the worst
-    # severity, the distinct findings); then the plain aggregates and the report link
-    con.execute(f"""CREATE TEMP TABLE study_modes AS SELECT study_key AS _k, max(lo) FILTER (WHERE name = 'study_uid') AS study_uid,
+    # per study, one table at a time, and a query either aggregates or makes one join (a query holds its operators'
+    # state, a finished table can spill; at 4.2M instances in 256 MB an aggregate feeding three joins ran out of
+    # memory, and so did three joins, now and then): most common values with the distinct StudyInstanceUIDs (count,
+    # smallest), series and modalities; the audit (the worst severity, the distinct findings); the plain aggregates;
+    # then they are joined one at a time, and the report link last
+    con.execute(f"""CREATE TABLE study_modes AS SELECT study_key AS _k, max(lo) FILTER (WHERE name = 'study_uid') AS study_uid,
         max(k) FILTER (WHERE name = 'study_uid') AS n_study_uids,
         coalesce(list_sort(any_value(vs) FILTER (WHERE name = 'modality')), {_NO_LIST}) AS modalities,
         max(k) FILTER (WHERE name = 'series_uid') AS n_series, {_pivot(_STUDY_MODES)}
         FROM ({_most_common('agg', 'study_key', ['study_uid', 'series_uid'] + _STUDY_MODES,
-                            extra=", count(*) OVER p AS k, min(v) OVER p AS lo, list(v) FILTER (WHERE name = 'modality') OVER p AS vs")})
+                            extra=", count(*) AS k, min(v) AS lo, list(v) FILTER (WHERE name = 'modality') AS vs")})
         GROUP BY study_key""")
-    con.execute("""CREATE TEMP TABLE study_findings AS SELECT study_key, f, max(_sev) AS sev FROM (SELECT study_key, _sev,
+    con.execute("""CREATE TABLE study_findings AS SELECT study_key, f, max(_sev) AS sev FROM (SELECT study_key, _sev,
         unnest(CASE WHEN len(_findings) = 0 THEN [NULL::VARCHAR] ELSE _findings END) AS f FROM ia) GROUP BY study_key, f""")
-    con.execute(f"""CREATE TEMP TABLE study_audit AS SELECT study_key AS _ak, max(sev) AS sev,
+    con.execute(f"""CREATE TABLE study_audit AS SELECT study_key AS _ak, max(sev) AS sev,
         coalesce(list_sort(list(f) FILTER (WHERE f IS NOT NULL)), {_NO_LIST}) AS findings FROM study_findings GROUP BY study_key""")
     rf = f"coalesce(l.report_audit_findings, {_NO_LIST})"
-    con.execute(f"""CREATE TEMP TABLE studies_t AS
-        WITH b AS (SELECT study_key, min(study_date_offset) AS study_date_offset, count(*) AS n_instances,
-              {_part_of_first(n)} FROM agg GROUP BY study_key)
-        SELECT b.*, m.* EXCLUDE (_k), l.report_key IS NOT NULL AS report_available, l.matched_by AS report_matched_by,
-        {_STATUS_SQL.format(f"greatest(au.sev, CASE WHEN len({rf}) > 0 THEN 1 ELSE 0 END)")} AS audit_status,
-        list_sort(list_distinct(list_concat(au.findings, {rf}))) AS audit_findings, {rf} AS report_audit_findings
-        FROM b LEFT JOIN study_modes m ON m._k = b.study_key JOIN study_audit au ON au._ak = b.study_key
-        LEFT JOIN links2 l ON l.study_key = b.study_key""")
+    con.execute(f"""CREATE TABLE study_base AS SELECT study_key, min(study_date_offset) AS study_date_offset,
+        count(*) AS n_instances, {_part_of_first(n)} FROM agg GROUP BY study_key""")
+    con.execute("""CREATE TABLE study_m AS SELECT b.*, m.* EXCLUDE (_k) FROM study_base b LEFT JOIN study_modes m ON m._k = b.study_key""")
+    con.execute("""CREATE TABLE study_a AS SELECT b.*, au.sev AS _sev, au.findings AS _findings FROM study_m b
+        JOIN study_audit au ON au._ak = b.study_key""")
+    con.execute(f"""CREATE TABLE studies_t AS SELECT b.* EXCLUDE (_sev, _findings), l.report_key IS NOT NULL AS report_available,
+        l.matched_by AS report_matched_by, {_STATUS_SQL.format(f"greatest(b._sev, CASE WHEN len({rf}) > 0 THEN 1 ELSE 0 END)")} AS audit_status,
+        list_sort(list_distinct(list_concat(b._findings, {rf}))) AS audit_findings, {rf} AS report_audit_findings
+        FROM study_a b LEFT JOIN links2 l ON l.study_key = b.study_key""")
 
 # %% ../../nbs/11_data.index.ipynb #c062
 _AGG_COLUMNS = ['path', '_path_hash', 'study_key', 'study_key_source', 'study_uid', 'series_uid', 'patient_key', 'site_id',
@@ -969,16 +978,20 @@ _AGG_COLUMNS = ['path', '_path_hash', 'study_key', 'study_key_source', 'study_ui
 def _series_tables(con, n):
     "Create `series_t`, one row per series, one step at a time as for studies."
     casts = dict(rows='BIGINT', columns='BIGINT', slice_thickness='DOUBLE')
-    con.execute(f"""CREATE TEMP TABLE series_modes AS SELECT series_uid AS _k, {_pivot(_SERIES_MODES, casts)}
+    con.execute(f"""CREATE TABLE series_modes AS SELECT series_uid AS _k, {_pivot(_SERIES_MODES, casts)}
         FROM ({_most_common('agg', 'series_uid', [c for c in _SERIES_MODES if c not in casts], list(casts))}) GROUP BY series_uid""")
-    # the first instance (by InstanceNumber, missing last, then path) gives orientation and spacing
-    con.execute(f"""CREATE TEMP TABLE series_t AS
-      WITH f AS (SELECT series_uid, image_orientation, pixel_spacing_row, pixel_spacing_col FROM agg
-                 QUALIFY row_number() OVER (PARTITION BY series_uid ORDER BY instance_number NULLS LAST, path) = 1),
-      b AS (SELECT series_uid, count(*) AS n_instances, sum(frames)::DOUBLE AS n_frames, count(DISTINCT (rows, columns)) AS n_geometries,
-            min(series_number) AS series_number, {_part_of_first(n)} FROM agg GROUP BY series_uid)
-      SELECT b.*, f.* EXCLUDE (series_uid), m.* EXCLUDE (_k), s.report_available FROM b JOIN f USING (series_uid)
-      LEFT JOIN series_modes m ON m._k = b.series_uid LEFT JOIN studies_t s ON s.study_key = m.study_key""")
+    # per (series, rows, columns), then per series: the number of (rows, columns) pairs is the number of geometries; the
+    # first instance (by InstanceNumber, missing last, then path) gives orientation and spacing (a struct, as `arg_min`
+    # skips a NULL first argument); the first path gives the shard
+    first, order = ['image_orientation', 'pixel_spacing_row', 'pixel_spacing_col'], '(instance_number IS NULL, instance_number, path)'
+    con.execute(f"""CREATE TABLE series_base AS SELECT series_uid, count(*) AS n_geometries, sum(k)::BIGINT AS n_instances,
+        sum(fr)::DOUBLE AS n_frames, min(sn) AS series_number, {f'arg_min(ph, p0) % {n}' if n > 1 else '0'} AS _part, arg_min(f, o) AS f
+        FROM (SELECT series_uid, count(*) AS k, sum(frames) AS fr, min(series_number) AS sn, min(path) AS p0,
+              arg_min(_path_hash, path) AS ph, min({order}) AS o, arg_min({{{', '.join(f"'{c}': {c}" for c in first)}}}, {order}) AS f
+              FROM agg GROUP BY series_uid, rows, columns) GROUP BY series_uid""")
+    con.execute("CREATE TABLE series_m AS SELECT b.*, m.* EXCLUDE (_k) FROM series_base b LEFT JOIN series_modes m ON m._k = b.series_uid")
+    con.execute(f"""CREATE TABLE series_t AS SELECT b.* EXCLUDE (f), {', '.join(f'b.f.{c} AS {c}' for c in first)}, s.report_available
+        FROM series_m b LEFT JOIN studies_t s ON s.study_key = b.study_key""")
 
 def _table_sql(name, n):
     "SELECT producing manifest `name` with a `_part` column (shard of the row)."
@@ -1005,15 +1018,21 @@ def manifest_name(table:str, # one of `TABLES`
     return f'{table}.parquet' if n == 1 else f'{table}-{i}-of-{n}.parquet'
 
 # %% ../../nbs/11_data.index.ipynb #c064
-SORT_ROWS = 8192  # rows sorted at once when a table is written in key order (about 8 MB of instance rows)
+SORT_ROWS = 32768  # rows sorted at once when a table is written in key order (about 32 MB of instance rows)
 
-def _bounds(con, keys_sql, rows=None):
-    "Every `rows`-th of the sorted non-null keys `k` of `keys_sql` (a narrow sort, streamed): range bounds for `_write_sorted`."
+def _bounds(con, keys_sql, scratch:Path, rows=None):
+    "Every `rows`-th of the sorted non-null keys `k` of `keys_sql`: range bounds for `_write_sorted`."
+    # the narrow sort goes to a file in `scratch` and is read back a batch at a time: a sorted query result streamed to
+    # Python held more than DuckDB's memory limit (4.2 million paths: 294 MiB over the start under 256 MB, 260 this way)
     rows, out, seen = rows or SORT_ROWS, [], 0
-    for b in con.sql(f"SELECT k FROM ({keys_sql}) WHERE k IS NOT NULL ORDER BY k").to_arrow_reader(65536):
-        first = rows if seen == 0 else (-seen) % rows
-        if first < b.num_rows: out += b.column(0).take(pa.array(range(first, b.num_rows, rows))).to_pylist()
-        seen += b.num_rows
+    tmp = Path(scratch)/f'.bounds-{uuid.uuid4().hex[:8]}.parquet'
+    try:
+        con.execute(f"COPY (SELECT k FROM ({keys_sql}) WHERE k IS NOT NULL ORDER BY k) TO {_sql_str(tmp)} (FORMAT parquet)")
+        for b in pq.ParquetFile(tmp).iter_batches(65536, use_threads=False):
+            first = rows if seen == 0 else (-seen) % rows
+            if first < b.num_rows: out += b.column(0).take(pa.array(range(first, b.num_rows, rows))).to_pylist()
+            seen += b.num_rows
+    finally: tmp.unlink(missing_ok=True)
     return out
 
 def _key_range(key, lo, hi):
@@ -1037,8 +1056,17 @@ def _write_sorted(con, select:str, key:str, dest:Path, bounds:list, schema:pa.Sc
             if w is not None: w.close()
 
 # %% ../../nbs/11_data.index.ipynb #c067
-_TEMP_TABLES = ('agg', 'dups', 'first_day', 'folders', 'links', 'links2', 'study_modes', 'study_findings', 'study_audit',
-                'studies_t', 'series_modes', 'series_t')
+def _attach_work_db(con, parts):
+    "Attach a fresh `.parts/manifests.duckdb` (a killed run's is replaced) and make it where new tables go."
+    db = parts/'manifests.duckdb'
+    for f in (db, db.with_name(db.name + '.wal')): f.unlink(missing_ok=True)
+    con.execute(f"ATTACH {_sql_str(db)} AS work"); con.execute('USE work')
+    return db
+
+def _detach_work_db(con, db):
+    con.execute('USE memory'); con.execute('DETACH work')
+    for f in (db, db.with_name(db.name + '.wal')): f.unlink(missing_ok=True)
+
 _KEYS = {'instances': 'SELECT path AS k FROM rec WHERE reason IS NULL', 'quarantine': 'SELECT path AS k FROM rec2 WHERE reason IS NOT NULL',
          'series': 'SELECT series_uid AS k FROM series_t', 'studies': 'SELECT study_key AS k FROM studies_t',
          'report_links': 'SELECT study_key AS k FROM links2'}
@@ -1046,6 +1074,7 @@ _KEYS = {'instances': 'SELECT path AS k FROM rec WHERE reason IS NULL', 'quarant
 def _write_manifests(con, out, i, n, reports, policy, root, fp, workers, progress):
     "Build every table from the scan files of all `n` shards and write them atomically; returns the accounting."
     parts = out/'.parts'
+    db = _attach_work_db(con, parts)
     try:
         scans = [str(parts/f'scan-{j}-of-{n}.parquet') for j in range(n)]
         _build_tables(con, scans, reports, n, _pixel_findings(con, parts, root, n, scans, fp, policy, workers, progress))
@@ -1053,7 +1082,7 @@ def _write_manifests(con, out, i, n, reports, policy, root, fp, workers, progres
         written = {}
         for t in TABLES:
             sql, key = _table_sql(t, n)
-            bounds = _bounds(con, _KEYS[t])
+            bounds = _bounds(con, _KEYS[t], parts)
             for j in range(n):
                 dest = out/manifest_name(t, j, n)
                 _write_sorted(con, f"SELECT * EXCLUDE (_part) FROM ({sql}) WHERE _part = {j}", key, dest, bounds)
@@ -1074,11 +1103,10 @@ def _write_manifests(con, out, i, n, reports, policy, root, fp, workers, progres
         pix = parts/f'pixels-all-of-{n}.parquet'
         acc['pixel_checked'] = pq.read_metadata(pix).num_rows if policy.pixel_check != 'none' and pix.exists() else 0
     finally:
-        con.execute('DROP VIEW IF EXISTS inst')
-        for t in _TEMP_TABLES: con.execute(f'DROP TABLE IF EXISTS {t}')
+        for v in ('inst', 'ia', 'inst0', 'rec2', 'rec'): con.execute(f'DROP VIEW IF EXISTS {v}')
         for t in ('pixf', 'rep'):
             with contextlib.suppress(Exception): con.unregister(t)
-        for v in ('ia', 'inst0', 'rec2', 'rec'): con.execute(f'DROP VIEW IF EXISTS {v}')
+        _detach_work_db(con, db)
     return acc
 
 # %% ../../nbs/11_data.index.ipynb #c069
@@ -1099,16 +1127,17 @@ PIXEL_SCHEMA = pa.schema([('path', _STR), ('file_size', _I64), ('mtime_ns', _I64
                           ('pixel_error', _STR), ('_secret_fp', _STR), ('_version', _I64)])
 PIXEL_FINDINGS_SCHEMA = pa.schema([('path', _STR), ('pixel_findings', pa.list_(_STR))])
 
-def _pixel_candidates(con, scans, policy):
-    "(path, size, mtime) of the indexed instances in `scans` the pixel check reads: first, middle, last of each series."
-    if policy.pixel_check == 'none': return []
-    cond = ("TRUE" if policy.pixel_check == 'all' or not policy.trust_burned_in_no else
+def _pixel_candidates(con, scans, policy, dest:Path) -> int:
+    "Write `(path, file_size, mtime_ns)` of the instances in `scans` the pixel check reads (first, middle, last of each series) to `dest`, sorted by path; returns how many."
+    cond = ("FALSE" if policy.pixel_check == 'none' else "TRUE" if policy.pixel_check == 'all' or not policy.trust_burned_in_no else
             "upper(trim(coalesce(burned_in_annotation, ''))) <> 'NO'")
-    return [tuple(r) for r in con.execute(f"""SELECT path, file_size, mtime_ns FROM (SELECT path, file_size, mtime_ns,
+    # (a narrow window: three columns per instance, sorted within a series; it spills)
+    _copy_to(con, f"""SELECT path, file_size, mtime_ns FROM (SELECT path, file_size, mtime_ns,
         row_number() OVER w AS k, count(*) OVER (PARTITION BY series_uid) AS c
         FROM read_parquet([{', '.join(map(_sql_str, scans))}], union_by_name=true)
         WHERE reason IS NULL AND {cond} WINDOW w AS (PARTITION BY series_uid ORDER BY instance_number NULLS LAST, path))
-        WHERE k = 1 OR k = c OR k = (c + 1) // 2 ORDER BY path""").fetchall()]
+        WHERE k = 1 OR k = c OR k = (c + 1) // 2 ORDER BY path""", dest)
+    return pq.read_metadata(dest).num_rows
 
 def _pixel_chunk(job):
     "Worker: run the pixel check on a chunk of files and write the results as one part file, atomically."
@@ -1129,58 +1158,64 @@ def _line_dict(l):
 def _pixel_sources(parts):
     return sorted(map(str, parts.glob('pixels-*-of-*.parquet'))) + sorted(map(str, parts.glob('pixchunks-*/part-*.parquet')))
 
-def _check_pixels(con, parts, root, cands, name, fp, workers, lock_fd, progress):
-    "Pixel-check `cands` (reusing results already on disk for the same file, secret and version); save as `.parts/<name>`."
+_PIXEL_CHUNK = 64  # images per pixel-check job
+
+def _known_pixels(srcs, fp):
+    "SELECT of the pixel results in `srcs` made with this secret and version (the rows of a file read with another are not)."
+    return (f"""SELECT * FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true)
+               WHERE _secret_fp = {_sql_str(fp)} AND _version = {INDEX_VERSION}""")
+
+def _check_pixels(con, parts, root, scans, policy, name, fp, workers, lock_fd, progress):
+    "Pixel-check the sample of `scans` (reusing results already on disk for the same file, secret and version); save as `.parts/<name>`; returns the sample's size."
+    # the sample and what is left to do are Parquet files read a chunk at a time, so memory does not grow with them
     dest, chunk_dir = parts/f'{name}.parquet', parts/f'pixchunks-{name}'
-    known = set()
-    for src in _pixel_sources(parts):
-        try: d = pq.read_table(src, columns=['path', 'file_size', 'mtime_ns', '_secret_fp', '_version']).to_pydict()
-        except Exception: continue
-        known.update((p, s_, m) for p, s_, m, f, v in zip(d['path'], d['file_size'], d['mtime_ns'], d['_secret_fp'], d['_version'])
-                     if f == fp and v == INDEX_VERSION)
-    todo = [c for c in cands if c not in known]
+    cands, todo = parts/f'pixcands-{name}.parquet', parts/f'pixtodo-{name}.parquet'
+    n_cands, key = _pixel_candidates(con, scans, policy, cands), 'path, file_size, mtime_ns'
+    srcs = _readable(_pixel_sources(parts))
+    known = f"SELECT {key} FROM ({_known_pixels(srcs, fp)})" if srcs else f"SELECT {key} FROM read_parquet({_sql_str(cands)}) WHERE false"
+    _copy_to(con, f"SELECT * FROM read_parquet({_sql_str(cands)}) ANTI JOIN ({known}) USING ({key}) ORDER BY path", todo)
+    n_todo = pq.read_metadata(todo).num_rows
     chunk_dir.mkdir(parents=True, exist_ok=True)
     run = uuid.uuid4().hex[:8]
-    jobs = [(str(root), str(chunk_dir/f'part-{run}-{k:06d}.parquet'), todo[s_:s_+64], fp) for k, s_ in enumerate(range(0, len(todo), 64))]
-    with _pool(max(1, min(_threads(workers), len(jobs))), lock_fd) as ex:
-        _run_jobs(_pixel_chunk, jobs, ex, tqdm(total=len(cands), initial=len(cands) - len(todo), unit='image',
-                  desc='checking pixels for burned-in text', disable=not progress or not todo, mininterval=0.5), 2 * _threads(workers))
-    srcs = _pixel_sources(parts)
-    lst = pa.table({'path': [c[0] for c in cands], 'file_size': [c[1] for c in cands], 'mtime_ns': [c[2] for c in cands]},
-                   schema=pa.schema([('path', _STR), ('file_size', _I64), ('mtime_ns', _I64)]))
-    con.register('plst', lst)
-    try:
-        if srcs:
-            _copy_to(con, f"""SELECT * EXCLUDE (k) FROM (SELECT r.*, row_number() OVER (PARTITION BY r.path ORDER BY r.text_lines) AS k
-                FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true) r JOIN plst USING (path, file_size, mtime_ns)
-                WHERE r._secret_fp = {_sql_str(fp)} AND r._version = {INDEX_VERSION}) WHERE k = 1""", dest, None)
-        else:
-            with atomic_write(dest) as f: pq.write_table(PIXEL_SCHEMA.empty_table(), f)
-    finally: con.unregister('plst')
+    jobs = ((str(root), str(chunk_dir/f'part-{run}-{k:06d}.parquet'), c, fp) for k, c in
+            enumerate(_file_chunks(todo, _chunk_sizes(n_todo, _PIXEL_CHUNK, 0))))
+    with _pool(max(1, min(_threads(workers), -(-n_todo // _PIXEL_CHUNK))), lock_fd) as ex:
+        _run_jobs(_pixel_chunk, jobs, ex, tqdm(total=n_cands, initial=n_cands - n_todo, unit='image',
+                  desc='checking pixels for burned-in text', disable=not progress or not n_todo, mininterval=0.5), 2 * _threads(workers))
+    srcs = _readable(_pixel_sources(parts))
+    if srcs:  # one result per sampled file (a file checked twice, by two shards, gave the same lines)
+        _copy_to(con, f"""SELECT * EXCLUDE (k) FROM (SELECT r.*, row_number() OVER (PARTITION BY r.path ORDER BY r.text_lines) AS k
+            FROM ({_known_pixels(srcs, fp)}) r SEMI JOIN read_parquet({_sql_str(cands)}) c USING ({key})) WHERE k = 1""", dest, None)
+    else:
+        with atomic_write(dest) as f: pq.write_table(PIXEL_SCHEMA.empty_table(), f)
     shutil.rmtree(chunk_dir, ignore_errors=True)
-    return len(cands)
+    for f in (cands, todo): f.unlink(missing_ok=True)
+    return n_cands
 
 def _pixel_phase(con, parts, root, i, n, fp, policy, workers, lock_fd, progress):
     "Shard i's share of the pixel check: its own files' sampled instances, saved as `pixels-<i>-of-<n>`."
-    cands = _pixel_candidates(con, [str(parts/f'scan-{i}-of-{n}.parquet')], policy)
-    return _check_pixels(con, parts, root, cands, f'pixels-{i}-of-{n}', fp, workers, lock_fd, progress)
+    return _check_pixels(con, parts, root, [str(parts/f'scan-{i}-of-{n}.parquet')], policy, f'pixels-{i}-of-{n}', fp, workers,
+                         lock_fd, progress)
 
 def _pixel_findings(con, parts, root, n, scans, fp, policy, workers, progress):
     "`path`, `pixel_findings` of the delivery's sampled instances, with annotation zones learned per device."
     if policy.pixel_check == 'none': return None
     from rwid_nb.data.burned_in import learn_annotation_zones, flag_text, TextLine  # (imports scipy: only when used)
     # the sample over the whole delivery; with shards a series' middle image may not have been any shard's: check it now
-    cands = _pixel_candidates(con, scans, policy)
-    _check_pixels(con, parts, root, cands, f'pixels-all-of-{n}', fp, workers, None, progress)
-    rows = con.execute(f"""SELECT p.path, p.text_lines, p.pixel_error, r.manufacturer, r.model, r.rows, r.columns, r.patient_key
+    _check_pixels(con, parts, root, scans, policy, f'pixels-all-of-{n}', fp, workers, None, progress)
+    # two passes over the results, streamed: learn the zones, then flag. Only the text lines found are held (by the
+    # zone learning), not a row per sampled image
+    q = f"""SELECT p.path, p.text_lines, p.pixel_error, r.manufacturer, r.model, r.rows, r.columns, r.patient_key
         FROM read_parquet({_sql_str(str(parts/f'pixels-all-of-{n}.parquet'))}) p
         JOIN read_parquet([{', '.join(map(_sql_str, scans))}], union_by_name=true) r USING (path)
-        WHERE r.reason IS NULL ORDER BY p.path""").fetchall()
-    recs = [(path, (man, model, nr, nc), pk, [TextLine.from_dict(d) for d in json.loads(tl or '[]')], err)
-            for path, tl, err, man, model, nr, nc, pk in rows]
-    zones = learn_annotation_zones((g, pk, lines) for _, g, pk, lines, _ in recs)
+        WHERE r.reason IS NULL ORDER BY p.path"""
+    def recs():
+        for b in con.sql(q).to_arrow_reader(4096):
+            for path, tl, err, man, model, nr, nc, pk in zip(*(c.to_pylist() for c in b.columns)):
+                yield path, (man, model, nr, nc), pk, [TextLine.from_dict(d) for d in json.loads(tl or '[]')], err
+    zones = learn_annotation_zones((g, pk, lines) for _, g, pk, lines, _ in recs())
     out = {'path': [], 'pixel_findings': []}
-    for path, g, pk, lines, err in recs:
+    for path, g, pk, lines, err in recs():
         f = ['burned_in_check_failed'] if err else flag_text(lines, zones, g)
         if f: out['path'].append(path); out['pixel_findings'].append(sorted(f))
     return pa.table(out, schema=PIXEL_FINDINGS_SCHEMA)
@@ -1252,16 +1287,24 @@ def _worker_init(lock_fd):
 
 class _Concat:
     "Appends finished part files, in job order, to a new scan file: a first run's compaction, done during its scan."
+    # parts are gathered into row groups of `SORT_ROWS` records: the writer keeps every row group's metadata until it
+    # closes, about 47 KiB each for these 60 columns, so a row group per part (512 files) grew by 300 MiB in 8,000 parts
     def __init__(self, dest):
         self.dest, self.tmp = dest, dest.with_name(f'.{dest.name}.{uuid.uuid4().hex[:8]}.tmp')
         self.w, self.rows, self.next, self.waiting = pq.ParquetWriter(self.tmp, RECORD_SCHEMA), 0, 0, {}
+        self.buf, self.buf_rows = [], 0
     def __call__(self, k, job):  # job k wrote the part file job[1]
         self.waiting[k] = job[1]
         while self.next in self.waiting:  # parts are chunks of the sorted `todo`, numbered: in order, the file is sorted
             t = pq.read_table(self.waiting.pop(self.next), use_threads=False).select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
-            self.w.write_table(t); self.rows += t.num_rows; self.next += 1
+            self.buf.append(t); self.buf_rows += t.num_rows; self.rows += t.num_rows; self.next += 1
+            if self.buf_rows >= SORT_ROWS: self._flush()
+    def _flush(self):
+        if self.buf: self.w.write_table(pa.concat_tables(self.buf), row_group_size=max(SORT_ROWS, self.buf_rows))
+        self.buf, self.buf_rows = [], 0
     def finish(self, keep:bool):
         "Close the file; rename it into place if `keep`, else delete it."
+        if keep: self._flush()
         self.w.close()
         if keep: os.replace(self.tmp, self.dest)
         else: self.tmp.unlink(missing_ok=True)
@@ -1279,14 +1322,13 @@ def _compact(con, parts, i, n, n_files, fp, concat=None):
             src = (f"(SELECT * FROM read_parquet([{', '.join(map(_sql_str, srcs))}], union_by_name=true, filename=true))"
                    if srcs else "(SELECT *, '' AS filename FROM no_records)")
             # choose one record per listed file from the narrow key columns, then stream the chosen rows through
-            con.execute(f"""CREATE TEMP TABLE chosen AS SELECT path, filename FROM (SELECT r.path, r.filename,
-                row_number() OVER (PARTITION BY r.path ORDER BY r.filename) AS k FROM {src} r
+            con.execute(f"""CREATE TEMP TABLE chosen AS SELECT r.path, min(r.filename) AS filename FROM {src} r
                 JOIN read_parquet({_sql_str(listing)}) USING (path, file_size, mtime_ns)
-                WHERE r._secret_fp = {_sql_str(fp)} AND r._version = {INDEX_VERSION}) WHERE k = 1""")
+                WHERE r._secret_fp = {_sql_str(fp)} AND r._version = {INDEX_VERSION} GROUP BY r.path""")
             got = con.execute("SELECT count(*) FROM chosen").fetchall()[0][0]
             if got != n_files: raise RuntimeError(f"internal error: {got} records for {n_files} files of shard {i}/{n}")
             _write_sorted(con, f"SELECT r.* EXCLUDE (filename) FROM {src} r SEMI JOIN chosen USING (path, filename)", 'path', dest,
-                          _bounds(con, 'SELECT path AS k FROM chosen'), RECORD_SCHEMA)
+                          _bounds(con, 'SELECT path AS k FROM chosen', parts), RECORD_SCHEMA)
         finally:
             con.execute('DROP TABLE IF EXISTS chosen'); con.unregister('no_records')
     shutil.rmtree(parts/f'chunks-{i}-of-{n}', ignore_errors=True)
@@ -1305,15 +1347,14 @@ def _cleanup_other_shardings(parts, n):
         if not f.name.endswith(f'-of-{n}.parquet'): f.unlink()
     for d in parts.glob('chunks-*-of-*'):
         if not d.name.endswith(f'-of-{n}'): shutil.rmtree(d, ignore_errors=True)
-    for f in parts.glob('pixels-*-of-*.parquet'):
+    for f in (*parts.glob('pixels-*-of-*.parquet'), *parts.glob('pixcands-*-of-*.parquet'), *parts.glob('pixtodo-*-of-*.parquet')):
         if not f.name.endswith(f'-of-{n}.parquet'): f.unlink()
 
-DUCKDB_MEMORY_LIMIT = None  # None: an eighth of this machine's memory, 128 MiB to 2 GiB; or a DuckDB size such as '1GB'
+DUCKDB_MEMORY_LIMIT = None  # None: 128 MB per DuckDB thread (one per worker), at least 256 MB; or a size such as '1GB'
 
-def _default_memory_limit() -> str:
-    try: total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**20
-    except (ValueError, OSError, AttributeError): total = 4096
-    return f'{max(128, min(2048, total // 8))}MB'
+def _memory_limit(workers):
+    # DuckDB asks for at least 125 MB per thread; with 2 threads and 128 MB the manifest step ran out of memory
+    return DUCKDB_MEMORY_LIMIT or f'{max(256, 128 * _threads(workers))}MB'
 
 def _threads(workers):
     return max(1, int(workers or os.cpu_count() or 1))
@@ -1321,9 +1362,8 @@ def _threads(workers):
 def _connect(parts, workers=None):
     "DuckDB for listing, compaction and manifests: bounded memory, spilling to `.parts/duckdb-tmp`; one thread until `SET threads`."
     # (one thread while the scan runs: the workers have the cores, and a pixel-check pool may still be forked later)
-    limit = DUCKDB_MEMORY_LIMIT or _default_memory_limit()
     return duckdb.connect(config={'temp_directory': str(parts/'duckdb-tmp'), 'preserve_insertion_order': False,
-                                  'memory_limit': limit, 'threads': 1})
+                                  'memory_limit': _memory_limit(workers), 'threads': 1})
 
 def _pool_context():
     return mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else mp.get_context()
