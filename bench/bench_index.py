@@ -18,7 +18,9 @@ middle and last image of every series decoded and searched for text lines).
 
 Memory is checked, not assumed: the peak resident set of the main process and of the largest worker is printed for
 a delivery of about half the cohort (links to every other patient folder) and for the whole cohort, with the growth
-per extra file. The manifest step, where the main process's memory used to grow with the delivery, is also run alone
+per extra file, and for deliveries of 10 and 20 links to the cohort folder (`--link-copies`: ten and twenty times
+the files, all but one copy quarantined as duplicate instances). The manifest step, where the main process's memory
+used to grow with the delivery, is also run alone
 on the whole cohort's scan records and on copies of them (`--manifest-copies`, default 1,10,100: with 100 copies, 2.1
 million instances and 280,000 studies, each copy with its own paths, UIDs and keys), each in a fresh process.
 """
@@ -124,9 +126,9 @@ def warm(root):
 
 
 def cohort(cache, studies, seed):
-    from rwid_nb.data.phantom import generate_cohort, read_cohort_summary
+    from rwid_nb.data.phantom import generate_cohort, read_cohort_summary, PHANTOM_VERSION
     c = Path(cache)/'bench-index'/f'phantom-{studies}-seed{seed}'
-    if (s := read_cohort_summary(c)) is None:
+    if (s := read_cohort_summary(c)) is None or s.get('generator_version') != PHANTOM_VERSION:  # (an older generator's: remake)
         print(f"generating a {studies}-study phantom cohort into {c} (once; reused by later runs) ...", flush=True)
         t = time.perf_counter()
         s = generate_cohort(c, studies, seed=seed, corrupt=0.02, workers=2, progress=False, overwrite=True)
@@ -155,6 +157,8 @@ def main():
     ap.add_argument('--root', help=argparse.SUPPRESS)
     ap.add_argument('--out', help=argparse.SUPPRESS)
     ap.add_argument('--copies', type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument('--link-copies', type=lambda v: [int(x) for x in v.split(',') if x], default=[10, 20],
+                    help='whole runs over deliveries of this many links to the cohort (default 10,20; empty: skip)')
     ap.add_argument('--manifest-copies', type=lambda v: [int(x) for x in v.split(',')], default=[1, 10, 100],
                     help='run the manifest step alone on these many copies of the cohort\'s records (default 1,10,100)')
     a = ap.parse_args()
@@ -204,6 +208,17 @@ def main():
         slope = lambda k: (med(fresh, k) - med(halves, k)) / d_files * 1024
         print(f"\ngrowth from half to whole cohort, per extra file: main {slope('main_rss_mib'):+.2f} KiB, "
               f"largest worker {slope('worker_rss_mib'):+.2f} KiB ({a.repeats} runs each)")
+        # whole runs over deliveries of K links to the cohort: K times the files (the copies are quarantined as
+        # duplicate instances), through the walk, scan, compaction and manifests
+        if a.link_copies:
+            print("\n| delivery of links to the cohort | files | wall s | files/s | main peak RSS (MiB) | largest worker peak RSS (MiB) |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for k in sorted(set(a.link_copies)):
+                d = tmp/f'links-{k}x'; d.mkdir()
+                for j in range(k): (d/f'copy{j}').symlink_to(root.resolve(), target_is_directory=True)
+                m = measure('index', d, a.workers, tmp/f'out-links-{k}x'); shutil.rmtree(tmp/f'out-links-{k}x', ignore_errors=True)
+                print(f"| {k} links | {m['files']:,} | {m['seconds']:.1f} | {m['files']/m['seconds']:,.0f} | {m['main_rss_mib']:.0f} "
+                      f"| {m['worker_rss_mib']:.0f} |")
         # the manifest step alone, on this cohort's records and on copies of them (distinct paths, UIDs and keys)
         # (copies are made in a child: a process started from a big parent would start with the parent's peak RSS)
         import rwid_nb.data.index as ix

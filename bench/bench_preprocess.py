@@ -72,14 +72,15 @@ def main():
     a = ap.parse_args()
     if a.child: return child(a)
     from rwid_nb.core import load_settings
-    from rwid_nb.data.phantom import generate_cohort, read_cohort_summary
+    from rwid_nb.data.phantom import generate_cohort, read_cohort_summary, PHANTOM_VERSION
     from rwid_nb.data.index import index_dicom
     from rwid_nb.data.phi import AuditPolicy
     from rwid_nb.data.shards import plan_items
     base = (Path(a.cache) if a.cache else load_settings().cache_root)/'bench-preprocess'/f'phantom-{a.studies}-seed{a.seed}'
-    if read_cohort_summary(base/'cohort') is None:
+    if (s := read_cohort_summary(base/'cohort')) is None or s.get('generator_version') != PHANTOM_VERSION:  # (older generator: remake)
         print(f"generating a {a.studies}-study phantom cohort into {base} (once) ...", flush=True)
         generate_cohort(base/'cohort', a.studies, seed=a.seed, workers=2, progress=False, overwrite=True)
+        shutil.rmtree(base/'index', ignore_errors=True)  # (the index of the old cohort)
     if not (base/'index'/'index.json').exists():
         index_dicom(base/'cohort'/'dicom', base/'index', workers=2, secret=SECRET, progress=False, policy=AuditPolicy(pixel_check='none'))
     items = plan_items(base/'index')
